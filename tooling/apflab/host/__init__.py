@@ -1,0 +1,1 @@
+"""Host-side facts and changes: KVM flavour, cgroups, swap, tracefs."""

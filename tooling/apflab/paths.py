@@ -1,0 +1,45 @@
+"""Where apflab keeps things on the host.
+
+* cache — built images and kernels, keyed by input hash (``APFLAB_CACHE``,
+  default ``~/.cache/apflab``; the Makefile points it at ``<repo>/.cache``).
+* runtime root — per-run scratch dirs (QMP sockets, overlays, keys) and the
+  run-state records that ``apflab cleanup`` reads (``APFLAB_RUNTIME``, default
+  ``/var/tmp/apflab``).  Everything under it belongs to a run and is removed by
+  that run's undo; the root itself is removed when it becomes empty.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("APFLAB_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "apflab"
+
+
+def runtime_root() -> Path:
+    return Path(os.environ.get("APFLAB_RUNTIME", "/var/tmp/apflab"))
+
+
+def state_dir() -> Path:
+    return runtime_root() / "state"
+
+
+def new_run_id(prefix: str = "") -> str:
+    """A sortable, unique run id: ``[prefix-]YYYYmmdd-HHMMSS-xxxx``."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    rid = f"{stamp}-{secrets.token_hex(2)}"
+    return f"{prefix}-{rid}" if prefix else rid
+
+
+def repo_root() -> Path | None:
+    """The source checkout this package runs from, if any (has guest_images/)."""
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        if (parent / "guest_images").is_dir() and (parent / "setup.cfg").is_file():
+            return parent
+    return None

@@ -1,0 +1,1 @@
+"""Virtual machines: QEMU guests driven over QMP and SSH."""

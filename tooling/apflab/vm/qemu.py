@@ -1,0 +1,500 @@
+"""A QEMU guest as a context manager, driven over QMP (qemu.qmp) and SSH (paramiko).
+
+Modelled on QEMU's ``python/qemu/machine`` (QEMUMachine)::
+
+    with Guest(config, log_dir=outdir, undo=undo) as vm:   # launch + wait until SSH works
+        vm.qmp.cmd("query-status")
+        vm.run(["uname", "-r"]).stdout
+
+Lifecycle: :meth:`launch` (pre-launch: private run dir, disk overlay, client
+key, QMP server socket; spawn; post-launch: QMP handshake), :meth:`wait_ready`
+(console watched for panics, a cheap SSH-banner probe, then one SSH login at a
+time), :meth:`shutdown` (QMP ``quit`` or ACPI ``system_powerdown`` with a
+timeout, then SIGKILL, then reap).  Every host change is registered on the
+caller's :class:`~apflab.undo.UndoStack` the moment it is made, so an error, a
+timeout or a signal anywhere still leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shlex
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from apflab import paths
+from apflab.errors import BootTimeout, GuestPanic, SSHError, VMError, VMLaunchError
+from apflab.host import kvm
+from apflab.process import CmdResult
+from apflab.undo import KillProcess, RemoveEmptyDir, RemoveTree, UndoStack, process_start_time
+from apflab.vm import keys
+from apflab.vm.ssh import SSH, banner_ready
+
+log = logging.getLogger(__name__)
+
+# Console lines that end a boot at once: the kernel will not recover from these.
+PANIC_PATTERNS = (
+    re.compile(r"Kernel panic - not syncing.*"),
+    re.compile(r"BUG: .*"),
+    re.compile(r"general protection fault.*"),
+)
+
+FW_CFG_KEYS = "opt/apflab/authorized_keys"
+
+
+@dataclass(frozen=True)
+class BootSpec:
+    """A kernel as an input: what to boot and with which command line."""
+
+    kernel: Path
+    initrd: Path | None
+    cmdline: str
+
+
+@dataclass(frozen=True)
+class Disk:
+    """An extra block device.
+
+    :ivar overlay: boot from a throw-away qcow2 overlay in the run dir, so the
+        file itself is never written (images in the cache stay pristine)
+    """
+
+    path: Path
+    format: str = "raw"
+    readonly: bool = False
+    overlay: bool = False
+    serial: str = ""
+    cache: str = "unsafe"
+
+
+@dataclass(frozen=True)
+class GuestConfig:
+    """Everything needed to start one guest.
+
+    :ivar root: the root disk (booted through an overlay; never modified)
+    :ivar host_key: the guest's SSH host public key line, pinned by the client
+    :ivar accel: ``kvm``, ``tcg`` or None to choose from :func:`apflab.host.kvm.probe`
+    :ivar cpu: ``-cpu`` model; None: ``host`` under KVM, ``max`` under TCG
+    """
+
+    boot: BootSpec
+    root: Path
+    host_key: str
+    name: str = "guest"
+    memory_mb: int = 1024
+    cpus: int = 2
+    accel: str | None = None
+    cpu: str | None = None
+    disks: tuple[Disk, ...] = ()
+    extra_args: tuple[str, ...] = ()
+    ssh_user: str = "root"
+    boot_timeout: float = 300.0
+    shutdown_timeout: float = 30.0
+    shutdown_method: str = "quit"  # or "powerdown" (ACPI) — both fall back to SIGKILL
+    qemu_binary: str = "qemu-system-x86_64"
+
+
+def free_tcp_port() -> int:
+    """A port on 127.0.0.1 that is free right now (QEMU binds it moments later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def choose_accel(requested: str | None) -> tuple[str, str]:
+    """Return ``(accel, one-line reason)``."""
+    if requested is not None:
+        return requested, f"accelerator {requested} as requested"
+    info = kvm.probe()
+    if info.usable:
+        return "kvm", f"accelerator kvm: {info.reason}"
+    return "tcg", f"accelerator tcg (software emulation): {info.reason}"
+
+
+class ConsoleWatch:
+    """Reads a growing console log incrementally and spots fatal lines."""
+
+    def __init__(self, path: Path, layer: str) -> None:
+        self.path = path
+        self.layer = layer
+        self._offset = 0
+        self._partial = ""
+
+    def poll(self) -> list[str]:
+        """Return complete new lines; raise :class:`GuestPanic` on a fatal one."""
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        self._offset += len(data)
+        text = self._partial + data.decode(errors="replace").replace("\r", "")
+        lines = text.split("\n")
+        self._partial = lines.pop()
+        for line in lines:
+            for pat in PANIC_PATTERNS:
+                m = pat.search(line)
+                if m:
+                    raise GuestPanic(
+                        f"{self.layer}: kernel reported a fatal error on its console: "
+                        f"{m.group(0).strip()} (see {self.path})",
+                        self.layer,
+                        m.group(0).strip(),
+                    )
+        return lines
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        data = path.read_bytes()[-16384:].decode(errors="replace").replace("\r", "")
+    except OSError:
+        return ""
+    return "\n".join(data.splitlines()[-lines:])
+
+
+class Guest:
+    """One QEMU guest.  See the module docstring for the lifecycle.
+
+    :param log_dir: where console.log and qemu.log go (kept after the run)
+    :param undo: the run's undo stack; a private one is used when None
+    """
+
+    def __init__(
+        self, config: GuestConfig, log_dir: Path, undo: UndoStack | None = None
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.log_dir = log_dir
+        self._own_undo = undo is None
+        self.undo = undo if undo is not None else UndoStack(paths.new_run_id(config.name))
+        self._mark = 0
+        self.accel, self.accel_reason = choose_accel(config.accel)
+        self.run_dir: Path | None = None
+        self.console_log = log_dir / f"{config.name}-console.log"
+        self.qemu_log = log_dir / f"{config.name}-qemu.log"
+        self.argv: list[str] = []
+        self.ssh_port = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._qmp: QEMUMonitorProtocol | None = None
+        self._ssh: SSH | None = None
+        self._client_key: keys.ClientKey | None = None
+        self._watch = ConsoleWatch(self.console_log, config.name)
+        self.launched_at = 0.0
+        self.boot_seconds: float | None = None
+        self.exitcode: int | None = None
+
+    # -- public surface ----------------------------------------------------
+    @property
+    def pid(self) -> int:
+        if self._proc is None:
+            raise VMError(f"{self.name} is not running")
+        return self._proc.pid
+
+    @property
+    def qmp(self) -> QEMUMonitorProtocol:
+        if self._qmp is None:
+            raise VMError(f"{self.name}: QMP is not connected")
+        return self._qmp
+
+    @property
+    def ssh(self) -> SSH:
+        if self._ssh is None:
+            raise VMError(f"{self.name}: SSH is not connected (call wait_ready first)")
+        return self._ssh
+
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def run(self, argv: Sequence[str], **kwargs: Any) -> CmdResult:
+        """Run a command in the guest over SSH (see :meth:`SSH.run`)."""
+        self.check_alive()
+        return self.ssh.run(argv, **kwargs)
+
+    def put(self, local: Path, remote: str, mode: int | None = None) -> None:
+        self.ssh.put(local, remote, mode)
+
+    def get(self, remote: str, local: Path) -> None:
+        self.ssh.get(remote, local)
+
+    def vcpu_threads(self) -> dict[int, int]:
+        """``{cpu-index: host thread id}`` from QMP ``query-cpus-fast``."""
+        cpus = self.qmp.cmd("query-cpus-fast")
+        if not isinstance(cpus, list):
+            raise VMError(f"{self.name}: unexpected query-cpus-fast reply: {cpus!r}")
+        return {int(c["cpu-index"]): int(c["thread-id"]) for c in cpus}
+
+    def check_alive(self) -> None:
+        """Raise if QEMU died or the console shows a panic."""
+        self._watch.poll()
+        if self._proc is not None and self._proc.poll() is not None:
+            self.exitcode = self._proc.returncode
+            raise VMLaunchError(
+                f"{self.name}: QEMU exited unexpectedly",
+                self.argv,
+                self.exitcode,
+                tail(self.console_log) + "\n" + tail(self.qemu_log, 5),
+            )
+
+    # -- lifecycle ---------------------------------------------------------
+    def __enter__(self) -> Guest:
+        try:
+            self.launch()
+            self.wait_ready()
+        except BaseException:
+            self.shutdown()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.shutdown()
+
+    def launch(self) -> None:
+        """Start QEMU and complete the QMP handshake (does not wait for boot)."""
+        self._mark = len(self.undo)
+        log.info("%s: %s", self.name, self.accel_reason)
+        self._pre_launch()
+        for attempt in range(3):
+            self.ssh_port = free_tcp_port()
+            self.argv = self._build_argv()
+            self._spawn()
+            try:
+                self._post_launch()
+                return
+            except VMLaunchError as err:
+                if "host forwarding" in err.console_tail and attempt < 2:
+                    log.warning("%s: port %d was taken; retrying", self.name, self.ssh_port)
+                    self._reset_qmp()
+                    self._wait_or_kill()
+                    continue
+                raise
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait until SSH login works, watching the console for panics.
+
+        A cheap banner probe runs every 0.5 s; a full SSH login is tried only
+        once a banner is seen, and only one at a time.
+        """
+        budget = self.config.boot_timeout if timeout is None else timeout
+        deadline = self.launched_at + budget
+        key = self._client_key.load() if self._client_key else None
+        host_key = keys.parse_public_key(self.config.host_key)
+        last_err: Exception | None = None
+        while True:
+            self.check_alive()
+            now = time.monotonic()
+            if now > deadline:
+                raise BootTimeout(
+                    f"{self.name}: no SSH login within {budget:.0f}s of launch "
+                    f"(last error: {last_err}); console tail:\n{tail(self.console_log)}"
+                )
+            if banner_ready("127.0.0.1", self.ssh_port, timeout=2.0):
+                ssh = SSH("127.0.0.1", self.ssh_port, self.config.ssh_user, key, host_key, self.name)  # type: ignore[arg-type]
+                try:
+                    ssh.connect(timeout=max(5.0, min(60.0, deadline - now)))
+                    ssh.run(["true"], timeout=max(5.0, deadline - time.monotonic()))
+                except (SSHError, VMError) as err:
+                    ssh.close()
+                    last_err = err
+                    time.sleep(1.0)
+                    continue
+                self._ssh = ssh
+                self.boot_seconds = time.monotonic() - self.launched_at
+                log.info("%s: SSH ready %.1fs after launch", self.name, self.boot_seconds)
+                return
+            time.sleep(0.5)
+
+    def shutdown(self) -> None:
+        """Stop the guest: graceful with a timeout, then SIGKILL, then reap.
+
+        Always finishes by undoing this guest's host changes (process, run dir).
+        """
+        try:
+            if self._ssh is not None:
+                self._ssh.close()
+                self._ssh = None
+            if self.is_running():
+                self._graceful()
+        finally:
+            self._reset_qmp()
+            if self._proc is not None:
+                self._wait_or_kill()
+            if self._own_undo:
+                self.undo.unwind()
+            else:
+                self.undo.unwind_to(self._mark)
+
+    # -- internals ---------------------------------------------------------
+    def _pre_launch(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        root = paths.runtime_root()
+        if not root.exists():
+            root.mkdir(mode=0o700, parents=True)
+            self.undo.push(RemoveEmptyDir(str(root)))
+        run_dir = Path(os.path.realpath(root)) / f"{self.undo.run_id}-{self.name}"
+        run_dir.mkdir(mode=0o700)
+        self.undo.push(RemoveTree(str(run_dir)))
+        self.run_dir = run_dir
+        self._client_key = keys.generate_client_key(run_dir, f"apflab-{self.undo.run_id}")
+        (run_dir / "authorized_keys").write_text(self._client_key.public_line + "\n")
+        self._overlays: dict[Path, Path] = {}
+        for disk in (Disk(self.config.root, overlay=True), *self.config.disks):
+            if disk.overlay:
+                self._overlays[disk.path] = self._make_overlay(disk)
+
+    def _make_overlay(self, disk: Disk) -> Path:
+        assert self.run_dir is not None
+        if not disk.path.exists():
+            raise VMError(f"{self.name}: disk image {disk.path} does not exist")
+        overlay = self.run_dir / f"{disk.path.stem}.overlay.qcow2"
+        from apflab.process import run
+
+        run(
+            [
+                "qemu-img", "create", "-q", "-f", "qcow2",
+                "-b", str(disk.path.resolve()), "-F", disk.format, str(overlay),
+            ]
+        )
+        return overlay
+
+    def _drive_args(self, disk: Disk, index: int) -> list[str]:
+        path = self._overlays.get(disk.path, disk.path)
+        fmt = "qcow2" if disk.path in self._overlays else disk.format
+        opts = f"file={path},if=none,id=d{index},format={fmt},cache={disk.cache}"
+        if disk.readonly:
+            opts += ",readonly=on"
+        dev = f"virtio-blk-pci,drive=d{index}"
+        if disk.serial:
+            dev += f",serial={disk.serial}"
+        return ["-drive", opts, "-device", dev]
+
+    def _build_argv(self) -> list[str]:
+        cfg = self.config
+        assert self.run_dir is not None
+        cpu = cfg.cpu or ("host" if self.accel == "kvm" else "max")
+        accel = "tcg,thread=multi" if self.accel == "tcg" else self.accel
+        argv = [
+            cfg.qemu_binary,
+            "-name", f"{cfg.name},debug-threads=on",
+            "-no-user-config", "-nodefaults",
+            "-machine", "q35",
+            "-accel", accel,
+            "-cpu", cpu,
+            "-m", str(cfg.memory_mb),
+            "-smp", str(cfg.cpus),
+            "-display", "none",
+            "-chardev", f"socket,id=qmp,path={self.run_dir / 'qmp.sock'},server=on,wait=off",
+            "-mon", "chardev=qmp,mode=control",
+            "-chardev", f"file,id=console,path={self.console_log}",
+            "-serial", "chardev:console",
+            "-kernel", str(cfg.boot.kernel),
+            "-append", cfg.boot.cmdline,
+            "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
+            "-device", "virtio-net-pci,netdev=net0,romfile=",
+            "-fw_cfg", f"name={FW_CFG_KEYS},file={self.run_dir / 'authorized_keys'}",
+            "-no-reboot",
+        ]
+        if cfg.boot.initrd is not None:
+            argv += ["-initrd", str(cfg.boot.initrd)]
+        for i, disk in enumerate((Disk(cfg.root, overlay=True), *cfg.disks)):
+            argv += self._drive_args(disk, i)
+        argv += list(cfg.extra_args)
+        return argv
+
+    def _spawn(self) -> None:
+        log.debug("%s: launching %s", self.name, shlex.join(self.argv))
+        self.console_log.write_bytes(b"")
+        # setpriv --pdeathsig: if our process dies without unwinding (SIGKILL),
+        # the kernel kills QEMU too; the run-state record covers the rest.
+        argv = ["setpriv", "--pdeathsig", "KILL", "--", *self.argv]
+        with self.qemu_log.open("wb") as qlog:
+            self._proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=qlog, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.launched_at = time.monotonic()
+        self.undo.push(
+            KillProcess(self._proc.pid, _start_time_soon(self._proc.pid), f"{self.name} QEMU",
+                        grace_s=self.config.shutdown_timeout)
+        )
+
+    def _post_launch(self) -> None:
+        assert self._proc is not None and self.run_dir is not None
+        deadline = time.monotonic() + 30
+        sock = self.run_dir / "qmp.sock"
+        while True:
+            try:
+                if not sock.exists():
+                    raise FileNotFoundError(sock)
+                self._qmp = QEMUMonitorProtocol(str(sock), nickname=self.name)
+                self._qmp.connect()
+                break
+            except Exception as err:  # qemu.qmp raises several unrelated types here
+                self._reset_qmp()
+                time.sleep(0.1)
+                if self._proc.poll() is not None:
+                    self.exitcode = self._proc.returncode
+                    raise VMLaunchError(
+                        f"{self.name}: QEMU exited during launch",
+                        self.argv,
+                        self.exitcode,
+                        tail(self.qemu_log, 10) + "\n" + tail(self.console_log, 10),
+                    ) from err
+                if time.monotonic() > deadline:
+                    raise VMLaunchError(
+                        f"{self.name}: QEMU did not connect to QMP within 30s",
+                        self.argv, None, tail(self.qemu_log, 10),
+                    ) from err
+        self._qmp.settimeout(30)
+        status = self._qmp.cmd("query-status")
+        log.info("%s: QEMU pid %d up, QMP status %s, ssh on 127.0.0.1:%d",
+                 self.name, self._proc.pid, status, self.ssh_port)
+
+    def _reset_qmp(self) -> None:
+        if self._qmp is not None:
+            with contextlib.suppress(Exception):
+                self._qmp.close()
+            self._qmp = None
+
+    def _graceful(self) -> None:
+        method = self.config.shutdown_method
+        try:
+            if method == "powerdown":
+                self.qmp.cmd("system_powerdown")
+            else:
+                self.qmp.cmd("quit")
+        except Exception as err:  # QMP gone or broken: fall through to SIGKILL
+            log.warning("%s: QMP %s failed (%s); will kill", self.name, method, err)
+
+    def _wait_or_kill(self) -> None:
+        assert self._proc is not None
+        try:
+            self.exitcode = self._proc.wait(timeout=self.config.shutdown_timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("%s: QEMU still running %.0fs after %s: SIGKILL", self.name,
+                        self.config.shutdown_timeout, self.config.shutdown_method)
+            self._proc.kill()
+            self.exitcode = self._proc.wait(timeout=30)
+
+
+def _start_time_soon(pid: int) -> int | None:
+    # /proc/PID/stat exists as soon as fork() returns; the value pins this
+    # exact process so a later cleanup never signals a recycled pid.
+    return process_start_time(pid)
+

@@ -1,0 +1,259 @@
+"""SSH to a guest with paramiko: run commands, move files, pinned host key.
+
+Remote commands are given as argv lists and quoted with :func:`shlex.join`
+before they reach the remote shell (SSH carries one command string).
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import socket
+import stat
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path, PurePosixPath
+from types import TracebackType
+
+import paramiko
+
+from apflab.errors import CommandError, SSHError
+from apflab.process import CmdResult
+
+log = logging.getLogger(__name__)
+
+
+def banner_ready(host: str, port: int, timeout: float = 2.0) -> bool:
+    """Cheap readiness probe: does something send an ``SSH-`` banner?
+
+    Costs the guest one accept() and nothing else, unlike a full SSH login;
+    use it before :meth:`SSH.connect` so polling never starves a slow guest.
+    """
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.settimeout(timeout)
+            return s.recv(4).startswith(b"SSH-")
+    except OSError:
+        return False
+
+
+class SSH:
+    """One authenticated SSH connection to a guest.
+
+    :param host_key: the guest's pinned host key; any other key is refused
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        user: str,
+        key: paramiko.PKey,
+        host_key: paramiko.PKey,
+        name: str = "guest",
+    ) -> None:
+        self.host, self.port, self.user, self.name = host, port, user, name
+        self._key = key
+        self._host_key = host_key
+        self._client: paramiko.SSHClient | None = None
+
+    def connect(self, timeout: float = 60.0) -> None:
+        client = paramiko.SSHClient()
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        known = f"[{self.host}]:{self.port}" if self.port != 22 else self.host
+        client.get_host_keys().add(known, self._host_key.get_name(), self._host_key)
+        try:
+            client.connect(
+                self.host,
+                self.port,
+                self.user,
+                pkey=self._key,
+                timeout=timeout,
+                banner_timeout=timeout,
+                auth_timeout=timeout,
+                allow_agent=False,
+                look_for_keys=False,
+            )
+        except paramiko.BadHostKeyException as err:
+            client.close()
+            raise SSHError(
+                f"{self.name}: host key mismatch at {known}: the guest is not the image we built "
+                f"(got {err.key.get_name()} {err.key.get_base64()[:16]}...)"
+            ) from err
+        except (paramiko.SSHException, OSError, EOFError) as err:
+            client.close()
+            raise SSHError(f"{self.name}: SSH to {self.user}@{known} failed: {err}") from err
+        transport = client.get_transport()
+        if transport is not None:
+            transport.set_keepalive(15)
+        self._client = client
+
+    @property
+    def client(self) -> paramiko.SSHClient:
+        if self._client is None:
+            raise SSHError(f"{self.name}: SSH is not connected")
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def __enter__(self) -> SSH:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- commands ----------------------------------------------------------
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        check: bool = True,
+        timeout: float | None = 300.0,
+        input_text: str | None = None,
+        on_output: Callable[[str, str], None] | None = None,
+    ) -> CmdResult:
+        """Run ``argv`` in the guest and wait for it.
+
+        :param timeout: seconds for the whole command; on expiry the channel is
+            closed and :class:`CommandError` raised
+        :param on_output: called as ``(stream_name, text_chunk)`` as output arrives
+        """
+        command = shlex.join(argv)
+        log.debug("%s$ %s", self.name, command)
+        start = time.monotonic()
+        try:
+            chan = self.client.get_transport().open_session()  # type: ignore[union-attr]
+            chan.exec_command(command)
+            if input_text is not None:
+                chan.sendall(input_text.encode())
+            chan.shutdown_write()
+        except (paramiko.SSHException, OSError, EOFError) as err:
+            raise SSHError(f"{self.name}: cannot start `{command}`: {err}") from err
+        out: list[bytes] = []
+        err_: list[bytes] = []
+        deadline = None if timeout is None else start + timeout
+        chan.settimeout(0.2)
+        try:
+            while True:
+                got = False
+                if chan.recv_ready():
+                    data = chan.recv(65536)
+                    out.append(data)
+                    got = True
+                    if on_output:
+                        on_output("stdout", data.decode(errors="replace"))
+                if chan.recv_stderr_ready():
+                    data = chan.recv_stderr(65536)
+                    err_.append(data)
+                    got = True
+                    if on_output:
+                        on_output("stderr", data.decode(errors="replace"))
+                if not got and chan.exit_status_ready() and not (
+                    chan.recv_ready() or chan.recv_stderr_ready()
+                ):
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    chan.close()
+                    result = CmdResult(
+                        tuple(argv),
+                        -1,
+                        b"".join(out).decode(errors="replace"),
+                        b"".join(err_).decode(errors="replace"),
+                        time.monotonic() - start,
+                    )
+                    raise CommandError(
+                        f"{self.name}: timed out after {timeout}s: {result.describe()}", result
+                    )
+                if not got:
+                    time.sleep(0.02)
+            status = chan.recv_exit_status()
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise SSHError(f"{self.name}: connection lost during `{command}`: {exc}") from exc
+        finally:
+            chan.close()
+        result = CmdResult(
+            tuple(argv),
+            status,
+            b"".join(out).decode(errors="replace"),
+            b"".join(err_).decode(errors="replace"),
+            time.monotonic() - start,
+        )
+        return result.check() if check else result
+
+    # -- files -------------------------------------------------------------
+    def put(self, local: Path, remote: str, mode: int | None = None) -> None:
+        try:
+            with self.client.open_sftp() as sftp:
+                sftp.put(str(local), remote)
+                if mode is not None:
+                    sftp.chmod(remote, mode)
+        except (paramiko.SSHException, OSError) as err:
+            raise SSHError(f"{self.name}: cannot copy {local} to {remote}: {err}") from err
+
+    def get(self, remote: str, local: Path) -> None:
+        try:
+            with self.client.open_sftp() as sftp:
+                sftp.get(remote, str(local))
+        except (paramiko.SSHException, OSError) as err:
+            raise SSHError(f"{self.name}: cannot copy {remote} to {local}: {err}") from err
+
+    def get_tree(self, remote: str, local: Path) -> int:
+        """Copy a remote directory tree to ``local``; return the number of files."""
+        count = 0
+        try:
+            with self.client.open_sftp() as sftp:
+                stack = [(PurePosixPath(remote), local)]
+                while stack:
+                    rdir, ldir = stack.pop()
+                    ldir.mkdir(parents=True, exist_ok=True)
+                    for entry in sftp.listdir_attr(str(rdir)):
+                        rpath = rdir / entry.filename
+                        lpath = ldir / entry.filename
+                        mode = entry.st_mode or 0
+                        if stat.S_ISDIR(mode):
+                            stack.append((rpath, lpath))
+                        elif stat.S_ISLNK(mode):
+                            target = sftp.readlink(str(rpath))
+                            if target and not lpath.exists():
+                                lpath.symlink_to(target)
+                        elif stat.S_ISREG(mode):
+                            sftp.get(str(rpath), str(lpath))
+                            count += 1
+        except (paramiko.SSHException, OSError) as err:
+            raise SSHError(f"{self.name}: cannot copy tree {remote} to {local}: {err}") from err
+        return count
+
+    def put_tree(self, local: Path, remote: str) -> int:
+        """Copy a local directory tree to ``remote``; return the number of files."""
+        count = 0
+        try:
+            with self.client.open_sftp() as sftp:
+                _sftp_mkdir(sftp, remote)
+                for path in sorted(local.rglob("*")):
+                    rel = path.relative_to(local).as_posix()
+                    rpath = f"{remote}/{rel}"
+                    if path.is_dir():
+                        _sftp_mkdir(sftp, rpath)
+                    elif path.is_file():
+                        sftp.put(str(path), rpath)
+                        sftp.chmod(rpath, path.stat().st_mode & 0o777)
+                        count += 1
+        except (paramiko.SSHException, OSError) as err:
+            raise SSHError(f"{self.name}: cannot copy tree {local} to {remote}: {err}") from err
+        return count
+
+
+def _sftp_mkdir(sftp: paramiko.SFTPClient, path: str) -> None:
+    try:
+        sftp.mkdir(path)
+    except OSError:
+        if not stat.S_ISDIR(sftp.stat(path).st_mode or 0):
+            raise

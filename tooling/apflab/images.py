@@ -169,6 +169,9 @@ def ensure(name: str, cache: Path | None = None) -> BuiltImage:
     """Return the cached image for recipe ``name``, building it if needed."""
     recipe = load_recipe(name)
     target = image_dir(recipe, cache)
+    if (target / "manifest.json").is_file():  # fast path; also works on a read-only cache
+        log.info("image %s: cached at %s", name, target)
+        return BuiltImage.load(target)
     with _exclusive(target.parent / f".{recipe.name}.lock"):
         if (target / "manifest.json").is_file():
             log.info("image %s: cached at %s", name, target)
@@ -208,8 +211,17 @@ def prepare_wheels(cache: Path) -> Path:
         tmp.mkdir(parents=True)
         run(
             [
-                sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:",
-                "--no-deps", "-r", lock, "-d", tmp,
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--only-binary=:all:",
+                "--no-deps",
+                "-r",
+                lock,
+                "-d",
+                tmp,
             ],
             timeout=900,
         )
@@ -243,11 +255,14 @@ def _build(recipe: Recipe, target: Path, cache: Path) -> BuiltImage:
     try:
         run(
             [
-                "mmdebstrap", "--mode=root", f"--variant={spec.get('variant', 'minbase')}",
+                "mmdebstrap",
+                "--mode=root",
+                f"--variant={spec.get('variant', 'minbase')}",
                 "--include=" + ",".join(spec["packages"]),
-                "--aptopt=APT::Install-Recommends \"false\"",
+                '--aptopt=APT::Install-Recommends "false"',
                 f"--customize-hook={recipe.common / 'customize.sh'}",
-                spec.get("suite", "bookworm"), rootfs,
+                spec.get("suite", "bookworm"),
+                rootfs,
             ],
             env=env,
             timeout=1800,
@@ -272,8 +287,21 @@ def _build(recipe: Recipe, target: Path, cache: Path) -> BuiltImage:
         size_mb = used_mb + int(spec.get("free_mb", 512)) + 64
         t1 = time.monotonic()
         run(
-            ["mke2fs", "-q", "-t", "ext4", "-L", "root", "-E", "root_owner=0:0",
-             "-d", rootfs, "-F", work / "root.img", f"{size_mb}M"],
+            [
+                "mke2fs",
+                "-q",
+                "-t",
+                "ext4",
+                "-L",
+                "root",
+                "-E",
+                "root_owner=0:0",
+                "-d",
+                rootfs,
+                "-F",
+                work / "root.img",
+                f"{size_mb}M",
+            ],
             timeout=600,
         )
         t_mke2fs = time.monotonic() - t1

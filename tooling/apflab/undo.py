@@ -78,9 +78,10 @@ class Action:
 
 def _import_action_modules() -> None:
     # Action kinds defined next to the code that makes the change register on import.
-    import apflab.host.cgroup
-    import apflab.host.swap
-    import apflab.host.tracefs  # noqa: F401
+    # Imported lazily: those modules import this one.
+    import apflab.host.cgroup  # noqa: PLC0415
+    import apflab.host.swap  # noqa: PLC0415
+    import apflab.host.tracefs  # noqa: F401, PLC0415
 
 
 def process_start_time(pid: int) -> int | None:
@@ -119,7 +120,9 @@ class KillProcess(Action):
             if not _reap_or_alive(self.pid, self.start_time):
                 return
             time.sleep(0.05)
-        log.warning("%s (pid %d) ignored SIGTERM for %.0fs: SIGKILL", self.name, self.pid, self.grace_s)
+        log.warning(
+            "%s (pid %d) ignored SIGTERM for %.0fs: SIGKILL", self.name, self.pid, self.grace_s
+        )
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
@@ -184,6 +187,7 @@ class UndoStack:
         self._persist = persist
         self._closed = False
         self._failed: list[Action] = []
+        self._owner: tuple[int, int | None] = (os.getpid(), None)
 
     @classmethod
     def open(cls, run_id: str, state_dir: Path | None = None) -> UndoStack:
@@ -193,11 +197,21 @@ class UndoStack:
     def push(self, action: Action) -> Action:
         """Register the undo of a change that was just made."""
         if self._closed:
-            raise HostError(f"undo stack {self.run_id} is closed; cannot register {action.describe()}")
+            raise HostError(
+                f"undo stack {self.run_id} is closed; cannot register {action.describe()}"
+            )
         self._actions.append(action)
         log.debug("undo push: %s", action.describe())
         self._save()
         return action
+
+    def adopt(self, pid: int) -> None:
+        """Make ``pid`` the owner of this record (a lab left running on purpose):
+        `apflab cleanup` leaves the record alone while that process lives."""
+        self._owner = (pid, process_start_time(pid))
+        self._save()
+        self._actions = []  # this process no longer undoes them
+        self._closed = True
 
     def callback(self, fn: Callable[[], None], what: str) -> None:
         """Register an in-process-only undo (not replayable by ``apflab cleanup``).
@@ -212,10 +226,11 @@ class UndoStack:
         if self._record is None:
             self._state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._record = self._state_dir / f"{self.run_id}.json"
+        pid, start = self._owner
         data = {
             "run_id": self.run_id,
-            "pid": os.getpid(),
-            "start_time": process_start_time(os.getpid()),
+            "pid": pid,
+            "start_time": start if start is not None else process_start_time(pid),
             "actions": [a.to_dict() for a in self._actions if not isinstance(a, _Callback)],
         }
         tmp = self._record.with_suffix(".tmp")
@@ -250,6 +265,8 @@ class UndoStack:
 
     def unwind(self) -> None:
         """Undo everything and, when all went well, delete the run-state record."""
+        if self._closed and not self._actions:
+            return  # adopted by another process, or already unwound
         try:
             self.unwind_to(0)
         finally:
@@ -311,7 +328,7 @@ def _signals_deferred() -> Iterator[None]:
 
     Signals that arrive are remembered and re-delivered afterwards.
     """
-    pending: list[int] = []
+    pending: list[int] = []  # signal numbers
 
     def remember(signum: int, frame: FrameType | None) -> None:
         pending.append(signum)
@@ -325,10 +342,10 @@ def _signals_deferred() -> Iterator[None]:
     try:
         yield
     finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-        for s in pending[:1]:
-            os.kill(os.getpid(), s)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        for signum in pending[:1]:
+            os.kill(os.getpid(), signum)
 
 
 @dataclass(frozen=True)
@@ -354,14 +371,20 @@ def list_runs(state_dir: Path | None = None) -> list[StaleRun]:
     return runs
 
 
-def cleanup_stale(state_dir: Path | None = None, include_alive: bool = False) -> list[str]:
+def cleanup_stale(
+    state_dir: Path | None = None, include_alive: bool = False, only: str | None = None
+) -> list[str]:
     """Undo the recorded changes of runs whose owner process is gone.
 
+    :param include_alive: also undo runs whose owner is still running
+    :param only: just this run id
     :return: one line per action undone (for the caller to print)
     """
     sdir = state_dir or paths.state_dir()
     done: list[str] = []
     for run in list_runs(sdir):
+        if only is not None and run.run_id != only:
+            continue
         if run.owner_alive and not include_alive:
             continue
         stack = UndoStack(run.run_id, sdir)

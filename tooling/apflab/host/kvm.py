@@ -78,7 +78,5 @@ def probe(dev: Path = Path("/dev/kvm"), sysfs: Path = Path("/sys")) -> KvmInfo:
         if _module_loaded(sysfs, module):
             nested_file = sysfs / "module" / module / "parameters" / "nested"
             nested = nested_file.read_text().strip() if nested_file.exists() else ""
-            return KvmInfo(
-                "hardware", True, f"hardware KVM ({module})", module, apf_int, nested
-            )
+            return KvmInfo("hardware", True, f"hardware KVM ({module})", module, apf_int, nested)
     return KvmInfo("unknown", False, f"{dev} works but no kvm_intel/kvm_amd module is loaded")

@@ -25,7 +25,7 @@ import shlex
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -36,7 +36,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from apflab import paths
 from apflab.errors import BootTimeout, GuestPanic, SSHError, VMError, VMLaunchError
 from apflab.host import kvm
-from apflab.process import CmdResult
+from apflab.process import CmdResult, run
 from apflab.undo import KillProcess, RemoveEmptyDir, RemoveTree, UndoStack, process_start_time
 from apflab.vm import keys
 from apflab.vm.ssh import SSH, banner_ready
@@ -103,6 +103,9 @@ class GuestConfig:
     shutdown_timeout: float = 30.0
     shutdown_method: str = "quit"  # or "powerdown" (ACPI) — both fall back to SIGKILL
     qemu_binary: str = "qemu-system-x86_64"
+    #: QEMU dies with our process (PR_SET_PDEATHSIG); False only for a lab
+    #: deliberately left running by `apflab lab up`
+    die_with_parent: bool = True
 
 
 def free_tcp_port() -> int:
@@ -169,12 +172,21 @@ class Guest:
 
     :param log_dir: where console.log and qemu.log go (kept after the run)
     :param undo: the run's undo stack; a private one is used when None
+    :param before_start: called once QEMU is up and QMP connected but before
+        the vCPUs run (QEMU starts with ``-S``): the moment to move QEMU into a
+        cgroup so that all of the guest's memory is charged there
     """
 
     def __init__(
-        self, config: GuestConfig, log_dir: Path, undo: UndoStack | None = None
+        self,
+        config: GuestConfig,
+        log_dir: Path,
+        undo: UndoStack | None = None,
+        before_start: Callable[[Guest], None] | None = None,
+        log_prefix: str | None = None,
     ) -> None:
         self.config = config
+        self._before_start = before_start
         self.name = config.name
         self.log_dir = log_dir
         self._own_undo = undo is None
@@ -182,8 +194,9 @@ class Guest:
         self._mark = 0
         self.accel, self.accel_reason = choose_accel(config.accel)
         self.run_dir: Path | None = None
-        self.console_log = log_dir / f"{config.name}-console.log"
-        self.qemu_log = log_dir / f"{config.name}-qemu.log"
+        prefix = log_prefix or config.name
+        self.console_log = log_dir / f"{prefix}-console.log"
+        self.qemu_log = log_dir / f"{prefix}-qemu.log"
         self.argv: list[str] = []
         self.ssh_port = 0
         self._proc: subprocess.Popen[bytes] | None = None
@@ -191,6 +204,7 @@ class Guest:
         self._ssh: SSH | None = None
         self._client_key: keys.ClientKey | None = None
         self._watch = ConsoleWatch(self.console_log, config.name)
+        self.client_key_path: Path | None = None
         self.launched_at = 0.0
         self.boot_seconds: float | None = None
         self.exitcode: int | None = None
@@ -293,7 +307,9 @@ class Guest:
         """
         budget = self.config.boot_timeout if timeout is None else timeout
         deadline = self.launched_at + budget
-        key = self._client_key.load() if self._client_key else None
+        if self._client_key is None:
+            raise VMError(f"{self.name}: wait_ready() before launch()")
+        key = self._client_key.load()
         host_key = keys.parse_public_key(self.config.host_key)
         last_err: Exception | None = None
         while True:
@@ -305,7 +321,9 @@ class Guest:
                     f"(last error: {last_err}); console tail:\n{tail(self.console_log)}"
                 )
             if banner_ready("127.0.0.1", self.ssh_port, timeout=2.0):
-                ssh = SSH("127.0.0.1", self.ssh_port, self.config.ssh_user, key, host_key, self.name)  # type: ignore[arg-type]
+                ssh = SSH(
+                    "127.0.0.1", self.ssh_port, self.config.ssh_user, key, host_key, self.name
+                )
                 try:
                     ssh.connect(timeout=max(5.0, min(60.0, deadline - now)))
                     ssh.run(["true"], timeout=max(5.0, deadline - time.monotonic()))
@@ -319,6 +337,18 @@ class Guest:
                 log.info("%s: SSH ready %.1fs after launch", self.name, self.boot_seconds)
                 return
             time.sleep(0.5)
+
+    def detach(self) -> None:
+        """Let go of a running guest without stopping it (`apflab lab up`).
+
+        Closes SSH and QMP; the run-state record, adopted by the QEMU process,
+        keeps what is needed to stop it later.
+        """
+        if self._ssh is not None:
+            self._ssh.close()
+            self._ssh = None
+        self._reset_qmp()
+        self._proc = None
 
     def shutdown(self) -> None:
         """Stop the guest: graceful with a timeout, then SIGKILL, then reap.
@@ -352,6 +382,7 @@ class Guest:
         self.undo.push(RemoveTree(str(run_dir)))
         self.run_dir = run_dir
         self._client_key = keys.generate_client_key(run_dir, f"apflab-{self.undo.run_id}")
+        self.client_key_path = self._client_key.path
         (run_dir / "authorized_keys").write_text(self._client_key.public_line + "\n")
         self._overlays: dict[Path, Path] = {}
         for disk in (Disk(self.config.root, overlay=True), *self.config.disks):
@@ -363,12 +394,18 @@ class Guest:
         if not disk.path.exists():
             raise VMError(f"{self.name}: disk image {disk.path} does not exist")
         overlay = self.run_dir / f"{disk.path.stem}.overlay.qcow2"
-        from apflab.process import run
-
         run(
             [
-                "qemu-img", "create", "-q", "-f", "qcow2",
-                "-b", str(disk.path.resolve()), "-F", disk.format, str(overlay),
+                "qemu-img",
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                str(disk.path.resolve()),
+                "-F",
+                disk.format,
+                str(overlay),
             ]
         )
         return overlay
@@ -391,24 +428,42 @@ class Guest:
         accel = "tcg,thread=multi" if self.accel == "tcg" else self.accel
         argv = [
             cfg.qemu_binary,
-            "-name", f"{cfg.name},debug-threads=on",
-            "-no-user-config", "-nodefaults",
-            "-machine", "q35",
-            "-accel", accel,
-            "-cpu", cpu,
-            "-m", str(cfg.memory_mb),
-            "-smp", str(cfg.cpus),
-            "-display", "none",
-            "-chardev", f"socket,id=qmp,path={self.run_dir / 'qmp.sock'},server=on,wait=off",
-            "-mon", "chardev=qmp,mode=control",
-            "-chardev", f"file,id=console,path={self.console_log}",
-            "-serial", "chardev:console",
-            "-kernel", str(cfg.boot.kernel),
-            "-append", cfg.boot.cmdline,
-            "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
-            "-device", "virtio-net-pci,netdev=net0,romfile=",
-            "-fw_cfg", f"name={FW_CFG_KEYS},file={self.run_dir / 'authorized_keys'}",
+            "-name",
+            f"{cfg.name},debug-threads=on",
+            "-no-user-config",
+            "-nodefaults",
+            "-machine",
+            "q35",
+            "-accel",
+            accel,
+            "-cpu",
+            cpu,
+            "-m",
+            str(cfg.memory_mb),
+            "-smp",
+            str(cfg.cpus),
+            "-display",
+            "none",
+            "-chardev",
+            f"socket,id=qmp,path={self.run_dir / 'qmp.sock'},server=on,wait=off",
+            "-mon",
+            "chardev=qmp,mode=control",
+            "-chardev",
+            f"file,id=console,path={self.console_log}",
+            "-serial",
+            "chardev:console",
+            "-kernel",
+            str(cfg.boot.kernel),
+            "-append",
+            cfg.boot.cmdline,
+            "-netdev",
+            f"user,id=net0,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
+            "-device",
+            "virtio-net-pci,netdev=net0,romfile=",
+            "-fw_cfg",
+            f"name={FW_CFG_KEYS},file={self.run_dir / 'authorized_keys'}",
             "-no-reboot",
+            "-S",  # vCPUs start on QMP `cont`, after the before_start hook
         ]
         if cfg.boot.initrd is not None:
             argv += ["-initrd", str(cfg.boot.initrd)]
@@ -422,16 +477,25 @@ class Guest:
         self.console_log.write_bytes(b"")
         # setpriv --pdeathsig: if our process dies without unwinding (SIGKILL),
         # the kernel kills QEMU too; the run-state record covers the rest.
-        argv = ["setpriv", "--pdeathsig", "KILL", "--", *self.argv]
+        argv = list(self.argv)
+        if self.config.die_with_parent:
+            argv = ["setpriv", "--pdeathsig", "KILL", "--", *argv]
         with self.qemu_log.open("wb") as qlog:
             self._proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=qlog, stderr=subprocess.STDOUT,
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=qlog,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         self.launched_at = time.monotonic()
         self.undo.push(
-            KillProcess(self._proc.pid, _start_time_soon(self._proc.pid), f"{self.name} QEMU",
-                        grace_s=self.config.shutdown_timeout)
+            KillProcess(
+                self._proc.pid,
+                _start_time_soon(self._proc.pid),
+                f"{self.name} QEMU",
+                grace_s=self.config.shutdown_timeout,
+            )
         )
 
     def _post_launch(self) -> None:
@@ -459,12 +523,22 @@ class Guest:
                 if time.monotonic() > deadline:
                     raise VMLaunchError(
                         f"{self.name}: QEMU did not connect to QMP within 30s",
-                        self.argv, None, tail(self.qemu_log, 10),
+                        self.argv,
+                        None,
+                        tail(self.qemu_log, 10),
                     ) from err
         self._qmp.settimeout(30)
+        if self._before_start is not None:
+            self._before_start(self)
+        self._qmp.cmd("cont")
         status = self._qmp.cmd("query-status")
-        log.info("%s: QEMU pid %d up, QMP status %s, ssh on 127.0.0.1:%d",
-                 self.name, self._proc.pid, status, self.ssh_port)
+        log.info(
+            "%s: QEMU pid %d up, QMP status %s, ssh on 127.0.0.1:%d",
+            self.name,
+            self._proc.pid,
+            status,
+            self.ssh_port,
+        )
 
     def _reset_qmp(self) -> None:
         if self._qmp is not None:
@@ -487,8 +561,12 @@ class Guest:
         try:
             self.exitcode = self._proc.wait(timeout=self.config.shutdown_timeout)
         except subprocess.TimeoutExpired:
-            log.warning("%s: QEMU still running %.0fs after %s: SIGKILL", self.name,
-                        self.config.shutdown_timeout, self.config.shutdown_method)
+            log.warning(
+                "%s: QEMU still running %.0fs after %s: SIGKILL",
+                self.name,
+                self.config.shutdown_timeout,
+                self.config.shutdown_method,
+            )
             self._proc.kill()
             self.exitcode = self._proc.wait(timeout=30)
 
@@ -497,4 +575,3 @@ def _start_time_soon(pid: int) -> int | None:
     # /proc/PID/stat exists as soon as fork() returns; the value pins this
     # exact process so a later cleanup never signals a recycled pid.
     return process_start_time(pid)
-

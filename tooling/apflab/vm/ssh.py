@@ -156,8 +156,10 @@ class SSH:
                     got = True
                     if on_output:
                         on_output("stderr", data.decode(errors="replace"))
-                if not got and chan.exit_status_ready() and not (
-                    chan.recv_ready() or chan.recv_stderr_ready()
+                if (
+                    not got
+                    and chan.exit_status_ready()
+                    and not (chan.recv_ready() or chan.recv_stderr_ready())
                 ):
                     break
                 if deadline is not None and time.monotonic() > deadline:

@@ -1,0 +1,7 @@
+"""``python -m apflab`` — same as the ``apflab`` console script."""
+
+import sys
+
+from apflab.cli import main
+
+sys.exit(main())

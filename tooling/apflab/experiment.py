@@ -1,0 +1,336 @@
+"""One async-PF latency experiment, end to end, on a KVM host.
+
+This is the direct path: it runs on a bare-metal KVM host, and unchanged
+inside the nested lab's L1.  (:mod:`apflab.runner` decides where to run it.)
+
+    Scenario → pre-flight → swap + cgroup → guest (paused, moved in, booted)
+      → trace on → limit on → workload under a deadline → counters
+      → trace saved (before the guest stops) → guest stopped → analysis
+      → verdict.json + report.html in results/<run-id>/
+
+Every phase is timed; every host change is on the run's undo stack.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import lzma
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from apflab import guestinfo, images, paths
+from apflab.errors import ApflabError, PreflightError, UsageError
+from apflab.host import kvm, tracefs
+from apflab.pressure import Pressure, PressureSpec, preflight
+from apflab.undo import UndoStack
+from apflab.vm.qemu import BootSpec, Guest, GuestConfig
+from apflab.workload import WorkloadResult, WorkloadSpec, run_workload
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Everything that defines one run (all of it recorded in run.json).
+
+    Defaults are calibrated on the nested lab (2-core host, TCG L1, KVM L2):
+    see docs/calibration.md for the measurements behind them.
+    """
+
+    kernel: Path | None = None
+    initrd: Path | None = None
+    cmdline: str = ""
+    image: str = "guest"
+    guest_memory_mb: int = 1024
+    guest_cpus: int = 2
+    accel: str | None = None
+    pressure: PressureSpec = field(default_factory=PressureSpec)
+    workload: WorkloadSpec = field(default_factory=WorkloadSpec)
+    deadline_s: float = 300.0
+    trace_buffer_kb: int = 8192
+    trace: bool = True
+
+    def validate(self) -> None:
+        self.workload.validate()
+        if self.kernel is not None and not self.kernel.is_file():
+            raise UsageError(f"kernel {self.kernel} does not exist: pass a bzImage path")
+        if self.initrd is not None and not self.initrd.is_file():
+            raise UsageError(f"initrd {self.initrd} does not exist")
+        if self.deadline_s <= 0:
+            raise UsageError("the workload deadline must be > 0 seconds")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["kernel"] = str(self.kernel) if self.kernel else None
+        d["initrd"] = str(self.initrd) if self.initrd else None
+        return d
+
+
+class Phases:
+    """Names each phase with its elapsed time, as it happens."""
+
+    def __init__(self, emit: Callable[[str], None]) -> None:
+        self.emit = emit
+        self.t0 = time.monotonic()
+        self.times: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.monotonic()
+        self.emit(f"[{start - self.t0:7.1f}s] {name} ...")
+        try:
+            yield
+        finally:
+            took = time.monotonic() - start
+            self.times[name] = round(took, 1)
+            self.emit(f"[{time.monotonic() - self.t0:7.1f}s] {name} done in {took:.1f}s")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def compress(src: Path, dest: Path) -> None:
+    with src.open("rb") as fin, lzma.open(dest, "wb", preset=1) as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)
+
+
+@dataclass
+class RunRecord:
+    """The raw outcome of the experiment, before judgement."""
+
+    run_id: str
+    results: Path
+    scenario: Scenario
+    kernel: dict[str, Any] = field(default_factory=dict)
+    host: dict[str, Any] = field(default_factory=dict)
+    guest: dict[str, Any] = field(default_factory=dict)
+    vcpus: dict[int, int] = field(default_factory=dict)
+    pressure: dict[str, Any] = field(default_factory=dict)
+    workload: WorkloadResult | None = None
+    trace_path: Path | None = None
+    trace_lost: int | None = None
+    trace_stats: dict[str, Any] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "scenario": self.scenario.to_dict(),
+            "kernel": self.kernel,
+            "host": self.host,
+            "guest": self.guest,
+            "vcpu_threads": {str(k): v for k, v in self.vcpus.items()},
+            "pressure": self.pressure,
+            "workload": self.workload.to_dict() if self.workload else None,
+            "trace": {
+                "path": str(self.trace_path) if self.trace_path else None,
+                "lost": self.trace_lost,
+                **self.trace_stats,
+            },
+            "errors": self.errors,
+            "phases_s": self.phases,
+        }
+
+
+def host_description() -> dict[str, Any]:
+    info = kvm.probe()
+    return {
+        "kernel": os.uname().release,
+        "hostname": os.uname().nodename,
+        "kvm": info.reason,
+        "kvm_module": info.module,
+        "in_lab": os.environ.get("APFLAB_IN_LAB") == "1",
+        "cpus": os.cpu_count(),
+    }
+
+
+def execute(
+    scenario: Scenario, results: Path, run_id: str, emit: Callable[[str], None]
+) -> RunRecord:
+    """Run the experiment and write the raw evidence under ``results``.
+
+    Infrastructure faults during the run are recorded in ``errors`` (verdict
+    ERROR later) rather than raised, once the results dir exists: a run always
+    leaves its evidence behind.  Bad input and pre-flight failures raise
+    before anything changes.
+    """
+    scenario.validate()
+    info = kvm.probe()
+    if scenario.accel != "tcg" and not info.usable:
+        raise PreflightError(
+            f"no usable KVM here ({info.reason}): run through the lab (`apflab run` picks it) "
+            "or pass --accel tcg for a pressure-only run"
+        )
+    cginfo = preflight(scenario.pressure, scenario.workload.total_mb, scenario.guest_memory_mb)
+    img = images.ensure(scenario.image)
+    boot = img.boot_spec(scenario.cmdline)
+    if scenario.kernel is not None:
+        boot = BootSpec(scenario.kernel, scenario.initrd or img.initrd, boot.cmdline)
+
+    results.mkdir(parents=True, exist_ok=True)
+    logs = results / "logs"
+    logs.mkdir(exist_ok=True)
+    rec = RunRecord(run_id, results, scenario)
+    rec.host = host_description()
+    rec.kernel = {
+        "path": str(boot.kernel),
+        "sha256": sha256_file(boot.kernel),
+        "cmdline": boot.cmdline,
+        "release": None,
+    }
+    phases = Phases(emit)
+    cfg = GuestConfig(
+        boot=boot,
+        root=img.disk,
+        host_key=img.host_key,
+        name="guest",
+        memory_mb=scenario.guest_memory_mb,
+        cpus=scenario.guest_cpus,
+        accel=scenario.accel,
+    )
+    try:
+        with UndoStack(run_id) as undo:
+            _run(scenario, cfg, cginfo, undo, rec, phases, emit)
+    except (UsageError, PreflightError):
+        raise
+    except ApflabError as err:
+        log.error("run %s: %s", run_id, err)
+        rec.errors.append(str(err))
+    rec.phases = phases.times
+    (results / "run.json").write_text(json.dumps(rec.to_dict(), indent=1, default=str) + "\n")
+    return rec
+
+
+def _run(
+    scenario: Scenario,
+    cfg: GuestConfig,
+    cginfo: Any,
+    undo: UndoStack,
+    rec: RunRecord,
+    phases: Phases,
+    emit: Callable[[str], None],
+) -> None:
+    pressure = Pressure(scenario.pressure, cginfo, undo)
+    with phases.phase("pressure setup (swap, cgroup)"):
+        pressure.setup()
+    trace_txt = paths.runtime_root() / f"{rec.run_id}-trace.txt"
+    session: tracefs.TraceSession | None = None
+    with phases.phase("guest boot"):
+        def move_into_cgroup(g: Guest) -> None:
+            rec.guest["threads_in_cgroup"] = len(pressure.attach(g.pid))
+
+        vm = Guest(cfg, rec.results / "logs", undo, before_start=move_into_cgroup)
+        vm.launch()  # on any error below, the undo stack kills QEMU (after the trace stops)
+        vm.wait_ready()
+    rec.guest["boot_seconds"] = round(vm.boot_seconds or 0, 1)
+    rec.guest["accel"] = vm.accel
+    rec.kernel["release"] = vm.run(["uname", "-r"]).stdout.strip()
+    rec.vcpus = vm.vcpu_threads()
+    with phases.phase("guest checks"):
+        if vm.accel == "kvm":
+            apf = guestinfo.apf_msrs(vm)
+            rec.guest["async_pf"] = {
+                "enabled": apf.enabled and apf.interrupt_delivery,
+                "detail": apf.describe(),
+            }
+            cpuprops = vm.qmp.cmd(
+                "qom-get", path="/machine/unattached/device[0]", property="kvm-asyncpf-int"
+            )
+            rec.guest["qmp_kvm_asyncpf_int"] = cpuprops
+        rec.guest["hyp_before"] = guestinfo.hyp_interrupts(vm)
+        rec.guest["vmstat_before"] = _guest_vmstat(vm)
+    if scenario.trace and vm.accel == "kvm":
+        with phases.phase("trace start"):
+            session = tracefs.TraceSession(
+                f"apflab-{rec.run_id}", trace_txt, undo, buffer_kb=scenario.trace_buffer_kb
+            )
+            undo.push(_remove_file_action(trace_txt))
+            session.start()
+            (rec.results / "trace-formats.txt").write_text(session.formats())
+    with phases.phase("memory limit"):
+        before = pressure.snapshot()
+        pressure.report.before = before
+        rec.pressure["reclaim_seconds"] = round(pressure.apply(), 1)
+    with phases.phase("workload"):
+        wl = run_workload(vm, scenario.workload, scenario.deadline_s)
+        rec.workload = wl
+        emit(
+            f"          workload: {'completed' if wl.completed else wl.error} "
+            f"in {wl.seconds:.1f}s, {len(wl.rounds)} round reports"
+        )
+    with phases.phase("evidence"):
+        pressure.report.after = pressure.snapshot()
+        report = pressure.finish()
+        rec.pressure.update(report.to_dict())
+        _guest_after(vm, rec)
+        with (rec.results / "workload.jsonl").open("w") as f:
+            for r in wl.rounds:
+                f.write(json.dumps(r) + "\n")
+    if session is not None:
+        with phases.phase("trace save"):
+            stats = session.stop()
+            rec.trace_lost = stats.lost
+            rec.trace_stats = {
+                "bytes": stats.bytes_written,
+                "overrun": stats.overrun,
+                "dropped": stats.dropped,
+                "per_cpu": {str(k): v for k, v in stats.per_cpu.items()},
+            }
+            dest = rec.results / "trace.txt.xz"
+            compress(trace_txt, dest)
+            rec.trace_path = dest
+            (rec.results / "vcpus.json").write_text(
+                json.dumps({str(k): v for k, v in rec.vcpus.items()}) + "\n"
+            )
+    with phases.phase("guest stop"):
+        vm.shutdown()
+
+
+def _guest_vmstat(vm: Guest) -> dict[str, int]:
+    from apflab.host.cgroup import parse_flat_keyed  # noqa: PLC0415
+
+    text = vm.run(["cat", "/proc/vmstat"], timeout=30).stdout
+    stat = parse_flat_keyed(text)
+    return {k: stat.get(k, 0) for k in ("pgfault", "pgmajfault", "pswpin", "pswpout")}
+
+
+def _guest_after(vm: Guest, rec: RunRecord) -> None:
+    """Guest-side evidence after the workload; a stalled guest may not answer."""
+    try:
+        rec.guest["hyp_after"] = guestinfo.hyp_interrupts(vm)
+        rec.guest["vmstat_after"] = _guest_vmstat(vm)
+        dmesg = vm.run(["dmesg"], check=False, timeout=30).stdout
+        (rec.results / "logs" / "guest-dmesg.txt").write_text(dmesg)
+        rec.guest["hung_tasks"] = guestinfo.parse_hung_tasks(dmesg)
+    except ApflabError as err:
+        rec.guest["after_error"] = f"guest did not answer after the workload: {err}"
+        log.warning("%s", rec.guest["after_error"])
+    # the console log sees hung-task reports even when SSH no longer works
+    console = vm.console_log.read_text(errors="replace") if vm.console_log.exists() else ""
+    from_console = guestinfo.parse_hung_tasks(console)
+    known = set(rec.guest.get("hung_tasks", []))
+    rec.guest["hung_tasks"] = sorted(known | set(from_console))
+
+
+def _remove_file_action(path: Path) -> Any:
+    from apflab.undo import RemoveTree  # noqa: PLC0415
+
+    return RemoveTree(str(path))
+
+
+def with_scenario(base: Scenario, **changes: Any) -> Scenario:
+    return replace(base, **changes)

@@ -1,0 +1,326 @@
+"""The nested lab: real KVM on hosts whose /dev/kvm cannot run stock guests.
+
+L0 (this host) runs L1 — a Debian kernel with kvm_amd — under QEMU TCG with an
+emulated AMD SVM CPU (``-accel tcg,thread=multi -cpu EPYC,+svm``).  Inside L1,
+QEMU ``-accel kvm -cpu host`` runs L2 guests on real KVM, which produce real
+async page faults.  Inside L1 the ordinary, bare-metal code path of apflab
+runs unchanged: the lab is just another KVM host.
+
+What L1 gets, as virtio disks (by serial, see :data:`SERIALS`):
+
+* its own root (a throw-away overlay over the cached lab image);
+* ``apflab-assets``: a small ext4 built per lab start holding the current
+  apflab source and tests, the guest image's kernel/initrd/host key/manifest
+  and any kernel under test — so a code change never needs an image rebuild;
+* ``apflab-groot``: the cached guest root image, read-only (L2s boot from
+  overlays over it);
+* ``apflab-swap``: a sparse raw disk for L1's swap (host memory pressure).
+
+Use::
+
+    with Lab(LabConfig(), log_dir, undo) as lab:
+        lab.run(["apflab", "doctor"], on_output=print)
+        lab.fetch("/root/results/x", local_dir)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from apflab import images, paths
+from apflab.errors import BootTimeout, GuestPanic, LabError, VMLaunchError
+from apflab.process import CmdResult, run
+from apflab.undo import RemoveTree, UndoStack
+from apflab.vm.qemu import Disk, Guest, GuestConfig
+from apflab.vm.ssh import SSH
+
+log = logging.getLogger(__name__)
+
+SERIALS = {"assets": "apflab-assets", "guest_root": "apflab-groot", "swap": "apflab-swap"}
+ASSETS_MOUNT = "/mnt/apflab"
+L1_RESULTS = "/root/results"
+#: what ships in the assets disk from the checkout
+SOURCE_ITEMS = (
+    "tooling",
+    "tests",
+    "guest_images",
+    "requirements.lock",
+    "setup.cfg",
+    "pyproject.toml",
+)
+
+# Environment for commands run in L1: the current source, the lab's venv, the
+# image cache on the assets disk.
+L1_ENV = {
+    "PATH": f"{ASSETS_MOUNT}/bin:/opt/apflab/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "PYTHONPATH": f"{ASSETS_MOUNT}/src/tooling",
+    "PYTHONDONTWRITEBYTECODE": "1",
+    "APFLAB_CACHE": f"{ASSETS_MOUNT}/cache",
+    "APFLAB_IMAGES": f"{ASSETS_MOUNT}/src/guest_images",
+    "APFLAB_LOCKFILE": f"{ASSETS_MOUNT}/src/requirements.lock",
+    "APFLAB_IN_LAB": "1",
+    "APFLAB_LAB_SWAP_DEVICE": f"/dev/disk/by-id/virtio-{SERIALS['swap']}",
+    "MPLBACKEND": "Agg",
+}
+
+APFLAB_WRAPPER = """#!/bin/sh
+exec /opt/apflab/venv/bin/python -m apflab "$@"
+"""
+
+
+@dataclass(frozen=True)
+class LabConfig:
+    """Sizing and behaviour of the lab (defaults fit 2 cores / 24 GiB).
+
+    :ivar memory_mb: L1 RAM; holds L1 itself (~300 MiB), the L2's RAM and page cache
+    :ivar cpus: L1 vCPUs (TCG threads: one per host core keeps the host responsive)
+    :ivar accel: ``tcg`` (emulated SVM) or ``kvm`` (nested on a hardware-KVM host)
+    :ivar swap_mb: size of L1's swap disk
+    :ivar boot_retries: extra L1 boot attempts after a panic or a stuck boot
+    :ivar kernels: kernels under test to ship into L1 (kernels/NAME inside)
+    """
+
+    memory_mb: int = 3072
+    cpus: int = 2
+    accel: str = "tcg"
+    swap_mb: int = 2048
+    boot_timeout: float = 240.0
+    boot_retries: int = 1
+    guest_image: str = "guest"
+    kernels: tuple[Path, ...] = ()
+    #: leave L1 running when this process exits (`apflab lab up`)
+    detached: bool = False
+
+    @property
+    def cpu_model(self) -> str:
+        return "EPYC,+svm" if self.accel == "tcg" else "host"
+
+
+def _copy_source(repo: Path, dest: Path) -> None:
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".mypy_cache", ".ruff_cache")
+    for item in SOURCE_ITEMS:
+        src = repo / item
+        if src.is_dir():
+            shutil.copytree(src, dest / item, ignore=ignore)
+        elif src.is_file():
+            shutil.copy2(src, dest / item)
+
+
+def build_assets(
+    staging: Path, out: Path, guest: images.BuiltImage, kernels: Sequence[Path]
+) -> Path:
+    """Stage the assets tree and pack it into a small ext4 image (no mounts)."""
+    repo = paths.repo_root()
+    if repo is None:
+        raise LabError("the lab needs an apflab checkout to ship its source into L1")
+    _copy_source(repo, staging / "src")
+    img_dir = staging / "cache" / "images" / guest.directory.name
+    img_dir.mkdir(parents=True)
+    for name in ("manifest.json", "vmlinuz", "initrd.img", "ssh_host_ed25519_key.pub"):
+        shutil.copy2(guest.directory / name, img_dir / name)
+    (img_dir / "root.img").symlink_to(f"/dev/disk/by-id/virtio-{SERIALS['guest_root']}")
+    kdir = staging / "kernels"
+    kdir.mkdir()
+    for k in kernels:
+        shutil.copy2(k, kdir / k.name)
+    bindir = staging / "bin"
+    bindir.mkdir()
+    (bindir / "apflab").write_text(APFLAB_WRAPPER)
+    (bindir / "apflab").chmod(0o755)
+    used_mb = int(run(["du", "-sm", "--apparent-size", staging]).stdout.split()[0])
+    run(
+        [
+            "mke2fs",
+            "-q",
+            "-t",
+            "ext4",
+            "-L",
+            "apflab-assets",
+            "-E",
+            "root_owner=0:0",
+            "-d",
+            staging,
+            "-F",
+            out,
+            f"{used_mb + 64}M",
+        ],
+        timeout=300,
+    )
+    return out
+
+
+class Lab:
+    """The running L1.  See the module docstring."""
+
+    def __init__(self, config: LabConfig, log_dir: Path, undo: UndoStack) -> None:
+        self.config = config
+        self.log_dir = log_dir
+        self.undo = undo
+        self.vm: Guest | None = None
+        self._mark = 0
+        self.timings: dict[str, float] = {}
+        self.facts: dict[str, Any] = {}
+
+    def __enter__(self) -> Lab:
+        try:
+            self.up()
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.down()
+
+    # -- bring-up ------------------------------------------------------------
+    def up(self) -> None:
+        self._mark = len(self.undo)
+        t0 = time.monotonic()
+        lab_img = images.ensure("lab")
+        guest_img = images.ensure(self.config.guest_image)
+        self.timings["images"] = time.monotonic() - t0
+        root = paths.runtime_root()
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        work = root / f"{self.undo.run_id}-lab"
+        work.mkdir(mode=0o700)
+        self.undo.push(RemoveTree(str(work)))
+        t1 = time.monotonic()
+        assets = build_assets(work / "assets", work / "assets.img", guest_img, self.config.kernels)
+        shutil.rmtree(work / "assets")
+        swap = work / "swap.img"
+        with swap.open("wb") as f:
+            f.truncate(self.config.swap_mb << 20)
+        self.timings["assets"] = time.monotonic() - t1
+        cfg = GuestConfig(
+            boot=lab_img.boot_spec(),
+            root=lab_img.disk,
+            host_key=lab_img.host_key,
+            name="L1",
+            memory_mb=self.config.memory_mb,
+            cpus=self.config.cpus,
+            accel=self.config.accel,
+            cpu=self.config.cpu_model,
+            disks=(
+                Disk(assets, readonly=True, serial=SERIALS["assets"]),
+                Disk(guest_img.disk, readonly=True, serial=SERIALS["guest_root"]),
+                Disk(swap, serial=SERIALS["swap"], cache="none"),
+            ),
+            boot_timeout=self.config.boot_timeout,
+            die_with_parent=not self.config.detached,
+        )
+        t2 = time.monotonic()
+        self.vm = self._boot_with_retries(cfg)
+        self.timings["l1_boot"] = time.monotonic() - t2
+        self._prepare_l1()
+        log.info(
+            "lab: L1 up in %.1fs (images %.1fs, assets %.1fs); %s",
+            self.timings["l1_boot"],
+            self.timings["images"],
+            self.timings["assets"],
+            self.facts.get("kvm", {}).get("reason", ""),
+        )
+
+    def _boot_with_retries(self, cfg: GuestConfig) -> Guest:
+        attempts = 1 + max(0, self.config.boot_retries)
+        for attempt in range(1, attempts + 1):
+            prefix = "L1" if attempt == 1 else f"L1-attempt{attempt}"
+            vm = Guest(cfg, self.log_dir, self.undo, log_prefix=prefix)
+            try:
+                vm.launch()
+                vm.wait_ready()
+                return vm
+            except (GuestPanic, BootTimeout) as err:
+                vm.shutdown()
+                if attempt == attempts:
+                    raise LabError(f"L1 did not boot after {attempts} attempt(s): {err}") from err
+                log.warning("lab: L1 boot attempt %d failed (%s); retrying", attempt, err)
+            except VMLaunchError:
+                vm.shutdown()
+                raise
+            except BaseException:
+                vm.shutdown()
+                raise
+        raise AssertionError("unreachable")
+
+    def _prepare_l1(self) -> None:
+        vm = self.require_vm()
+        mounted = vm.run(["findmnt", "-n", ASSETS_MOUNT], check=False)
+        if not mounted.ok:
+            vm.run(["mkdir", "-p", ASSETS_MOUNT])
+            vm.run(["udevadm", "settle", "--timeout=30"], check=False)
+            vm.run(
+                ["mount", "-o", "ro", f"/dev/disk/by-id/virtio-{SERIALS['assets']}", ASSETS_MOUNT]
+            )
+        # kvm_amd is in modules-load.d, but make sure before checking.
+        vm.run(["modprobe", "kvm_amd"], check=False)
+        facts = json.loads(self.run(["apflab", "doctor", "--json"]).stdout)
+        self.facts = facts
+        kvm = facts.get("kvm", {})
+        if not kvm.get("usable"):
+            raise LabError(f"L1 has no usable KVM: {kvm.get('reason', 'unknown')}")
+        if kvm.get("async_pf_int") != 1:
+            raise LabError(
+                "L1's KVM lacks KVM_CAP_ASYNC_PF_INT (183): it cannot deliver async-PF "
+                f"page-ready interrupts (kvm: {kvm})"
+            )
+
+    # -- use -----------------------------------------------------------------
+    def require_vm(self) -> Guest:
+        if self.vm is None:
+            raise LabError("the lab is not up")
+        return self.vm
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        check: bool = True,
+        timeout: float | None = 3600.0,
+        on_output: Callable[[str, str], None] | None = None,
+    ) -> CmdResult:
+        """Run ``argv`` in L1 with the lab environment (apflab on PATH)."""
+        vm = self.require_vm()
+        vm.check_alive()
+        return run_in_lab(vm.ssh, argv, check=check, timeout=timeout, on_output=on_output)
+
+    def fetch(self, remote: str, local: Path) -> int:
+        """Copy a directory tree from L1 to the host; return the file count."""
+        return self.require_vm().ssh.get_tree(remote, local)
+
+    def down(self) -> None:
+        if self.vm is not None:
+            self.vm.shutdown()
+            self.vm = None
+        self.undo.unwind_to(self._mark)
+
+
+def run_in_lab(
+    ssh: SSH,
+    argv: Sequence[str],
+    *,
+    check: bool = True,
+    timeout: float | None = 3600.0,
+    on_output: Callable[[str, str], None] | None = None,
+) -> CmdResult:
+    """Run ``argv`` over an SSH connection to L1, with the lab environment."""
+    env = [f"{k}={v}" for k, v in L1_ENV.items()]
+    return ssh.run(["env", *env, *argv], check=check, timeout=timeout, on_output=on_output)
+
+
+def default_swap_device() -> str | None:
+    """Inside the lab: L1's dedicated swap disk."""
+    return os.environ.get("APFLAB_LAB_SWAP_DEVICE")

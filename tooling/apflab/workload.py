@@ -1,0 +1,139 @@
+"""The guest workload: apflab-memtouch (guest_images/workload/) run over SSH.
+
+It touches a working set with N processes for R rounds in a given access
+pattern and prints one JSON line per (process, round).  The workload runs
+under a deadline: a guest whose page-ready notifications stop (a lost ACK)
+never finishes, and that must be observed, not waited for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from apflab.errors import CommandError, SSHError, UsageError
+from apflab.process import CmdResult
+
+log = logging.getLogger(__name__)
+
+PATTERNS = ("seq", "random", "bursty")
+BINARY = "/usr/local/bin/apflab-memtouch"
+
+
+class Runner(Protocol):
+    def run(self, argv: list[str], **kwargs: Any) -> CmdResult: ...
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """What the guest does.
+
+    :ivar mb: working set per process, MiB
+    :ivar procs: processes touching their own working sets in parallel
+    :ivar rounds: passes over the working set after the first fill
+    :ivar pattern: ``seq``, ``random`` or ``bursty`` (runs of 64 pages)
+    :ivar pause_ms: sleep between rounds (lets the host swap the set out again)
+    """
+
+    mb: int = 100
+    procs: int = 3
+    rounds: int = 4
+    pattern: str = "random"
+    pause_ms: int = 500
+    seed: int = 1
+
+    def validate(self) -> None:
+        if self.pattern not in PATTERNS:
+            raise UsageError(f"unknown workload pattern {self.pattern!r}: use one of {PATTERNS}")
+        for name in ("mb", "procs"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"workload {name} must be > 0 (got {getattr(self, name)})")
+        if self.rounds < 0 or self.pause_ms < 0:
+            raise UsageError("workload rounds and pause must be >= 0")
+
+    @property
+    def total_mb(self) -> int:
+        return self.mb * self.procs
+
+    def argv(self) -> list[str]:
+        return [
+            BINARY,
+            "--mb",
+            str(self.mb),
+            "--procs",
+            str(self.procs),
+            "--rounds",
+            str(self.rounds),
+            "--pattern",
+            self.pattern,
+            "--pause-ms",
+            str(self.pause_ms),
+            "--seed",
+            str(self.seed),
+        ]
+
+
+@dataclass
+class WorkloadResult:
+    """How the workload ended.
+
+    :ivar completed: every process finished every round (exit status 0)
+    :ivar deadline_passed: it was still running when the deadline came
+    """
+
+    completed: bool
+    deadline_passed: bool
+    seconds: float
+    exit_status: int | None
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    stderr: str = ""
+    error: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_rounds(stdout: str) -> list[dict[str, Any]]:
+    """The per-round JSON lines printed by apflab-memtouch (others ignored)."""
+    rounds = []
+    for raw in stdout.splitlines():
+        line = raw.strip()
+        if line.startswith("{"):
+            try:
+                rounds.append(json.loads(line))
+            except ValueError:
+                continue
+    return rounds
+
+
+def run_workload(vm: Runner, spec: WorkloadSpec, deadline_s: float) -> WorkloadResult:
+    """Run the workload; never raise for a deadline, report it instead."""
+    spec.validate()
+    t0 = time.monotonic()
+    try:
+        res = vm.run(spec.argv(), check=False, timeout=deadline_s)
+    except CommandError as err:  # the deadline: SSH channel closed, guest left as is
+        partial = err.result if isinstance(err.result, CmdResult) else None
+        return WorkloadResult(
+            completed=False,
+            deadline_passed=True,
+            seconds=time.monotonic() - t0,
+            exit_status=None,
+            rounds=parse_rounds(partial.stdout) if partial else [],
+            stderr=partial.stderr if partial else "",
+            error=f"still running after the {deadline_s:.0f}s deadline",
+        )
+    except SSHError as err:
+        return WorkloadResult(False, False, time.monotonic() - t0, None, error=str(err))
+    return WorkloadResult(
+        completed=res.exit_status == 0,
+        deadline_passed=False,
+        seconds=res.duration,
+        exit_status=res.exit_status,
+        rounds=parse_rounds(res.stdout),
+        stderr=res.stderr[-4000:],
+        error="" if res.exit_status == 0 else f"exited {res.exit_status}",
+    )

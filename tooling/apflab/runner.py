@@ -124,9 +124,8 @@ def _run_in_lab(
                 lab = Lab(lab_config, out / "logs", undo)
                 lab.__enter__()
             try:
-                emit(
-                    f"          L1 up in {lab.timings['l1_boot']:.1f}s; {lab.facts['kvm']['reason']}"
-                )
+                kvm_reason = lab.facts["kvm"]["reason"]
+                emit(f"          L1 up in {lab.timings['l1_boot']:.1f}s; {kvm_reason}")
                 with phases.phase("experiment in L1"):
                     res = lab.run(inner, check=False, timeout=None, on_output=_indent(emit))
                 with phases.phase("fetch results"):

@@ -178,6 +178,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
         accel=args.accel,
     )
     report: dict[str, Any] = {"image": str(img.directory), "log_dir": str(log_dir)}
+    log.info("boot run %s: logs in %s", run_id, log_dir)
     t0 = time.monotonic()
     with UndoStack(run_id) as undo, Guest(cfg, log_dir, undo) as vm:
         report["accel"] = vm.accel

@@ -230,6 +230,7 @@ def _run(
     trace_txt = paths.runtime_root() / f"{rec.run_id}-trace.txt"
     session: tracefs.TraceSession | None = None
     with phases.phase("guest boot"):
+
         def move_into_cgroup(g: Guest) -> None:
             rec.guest["threads_in_cgroup"] = len(pressure.attach(g.pid))
 

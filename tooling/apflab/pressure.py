@@ -204,8 +204,9 @@ class Pressure:
         """
         cg = self.require_cg()
         t0 = time.monotonic()
-        cg.set_limit(self.spec.limit_mb << 20)
         limit = self.spec.limit_mb << 20
+        writes = cg.lower_limit(limit)
+        log.debug("pressure: limit reached in %d write(s)", writes)
         while cg.usage_bytes() > limit and time.monotonic() - t0 < settle_s:
             time.sleep(0.2)
         self._start_sampler()

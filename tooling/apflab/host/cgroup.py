@@ -228,6 +228,44 @@ class MemoryCgroup:
             else:
                 self._write("memory.limit_in_bytes", value)
 
+    def lower_limit(self, limit_bytes: int, timeout_s: float = 120.0) -> int:
+        """Lower the limit to ``limit_bytes``, letting the kernel reclaim on the way.
+
+        v2 accepts any value and reclaims in the background.  v1 refuses
+        (EBUSY) a limit it cannot reclaim down to within a few tries, so it is
+        walked down in steps of an eighth of the way each.
+
+        :return: the number of limit writes it took
+        """
+        if self.version == 2:
+            self.set_limit(limit_bytes)
+            return 1
+        deadline = time.monotonic() + timeout_s
+        writes = 0
+        while True:
+            usage = self.usage_bytes()
+            step = (
+                limit_bytes
+                if usage <= limit_bytes
+                else max(limit_bytes, usage - max((usage - limit_bytes) // 8, 16 << 20))
+            )
+            try:
+                writes += 1
+                (self.path / "memory.limit_in_bytes").write_text(str(step))
+            except OSError as err:
+                if err.errno != errno.EBUSY or time.monotonic() > deadline:
+                    raise HostError(
+                        f"cannot lower {self.path}/memory.limit_in_bytes to {step} "
+                        f"(usage {usage}): {err.strerror}"
+                    ) from err
+                time.sleep(0.2)
+                continue
+            if step == limit_bytes:
+                return writes
+
+    def __repr__(self) -> str:
+        return f"cgroup v{self.version} {self.path}"
+
     def memory_stat(self) -> dict[str, int]:
         return parse_flat_keyed(self._read("memory.stat"))
 

@@ -1,0 +1,170 @@
+"""Ctrl-C, SIGTERM and SIGKILL in the middle of a run leave nothing behind.
+
+Each test starts a real ``apflab`` command, waits until its QEMU is up (and,
+for a pressure run, until the workload is running), interrupts it the way a
+user or a CI timeout would, and then looks for anything of ours: QEMU
+processes, run dirs, QMP sockets, run-state records, cgroups, swap areas,
+tracefs instances.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from avocado import Test
+
+from apflab import leftovers
+from apflab.host import kvm
+from apflab.undo import pid_alive
+
+
+class RunControl(Test):
+    """Helpers: start an apflab command, wait for its output, interrupt, check."""
+
+    def start(self, *args: str) -> subprocess.Popen[str]:
+        log_dir = Path(self.logdir) / "run"
+        argv = [sys.executable, "-m", "apflab", *args]
+        if args[0] == "boot":
+            argv += ["--log-dir", str(log_dir)]
+        else:
+            argv += ["--results", str(log_dir)]
+        self.log.info("starting %s", argv)
+        return subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+
+    def wait_for(self, proc: subprocess.Popen[str], pattern: str, timeout: float) -> re.Match[str]:
+        """Read the command's output until ``pattern`` appears."""
+        assert proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        seen = []
+        os.set_blocking(proc.stdout.fileno(), False)
+        buf = ""
+        while time.monotonic() < deadline:
+            chunk = proc.stdout.read()
+            if chunk:
+                buf += chunk
+                seen.append(chunk)
+                m = re.search(pattern, buf)
+                if m:
+                    return m
+            elif proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        self.fail(f"never saw {pattern!r} within {timeout}s; output:\n{''.join(seen)[-3000:]}")
+
+    def finish(self, proc: subprocess.Popen[str], timeout: float = 120) -> tuple[int, str]:
+        assert proc.stdout is not None
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            self.fail(f"apflab did not exit within {timeout}s of the signal")
+        os.set_blocking(proc.stdout.fileno(), True)
+        rest = proc.stdout.read()
+        self.log.info("exit %s; tail:\n%s", proc.returncode, rest[-2000:])
+        return proc.returncode, rest
+
+    def assert_clean(self, run_id: str, qemu_pid: int) -> None:
+        self.assertFalse(pid_alive(qemu_pid, None), f"QEMU {qemu_pid} survived")
+        self.assertEqual(leftovers.find(run_id), [])
+
+    def qemu_of(self, run_id: str) -> int:
+        found = leftovers.qemu_processes(run_id)
+        self.assertEqual(len(found), 1, f"expected one QEMU of run {run_id}: {found}")
+        return int(found[0].split()[1].rstrip(":"))
+
+
+class Interrupt(RunControl):
+    """
+    :avocado: tags=boot,cleanup
+    """
+
+    timeout = 900
+
+    def interrupt_boot(self, sig: int) -> tuple[int, str, int]:
+        proc = self.start("boot", "--hold")
+        run_id = self.wait_for(proc, r"boot run (\S+):", 120).group(1)
+        qemu_pid = int(self.wait_for(proc, r"QEMU pid (\d+) up", 120).group(1))
+        time.sleep(3)  # mid-boot: the guest kernel is running
+        os.kill(proc.pid, sig)
+        code, _ = self.finish(proc)
+        return code, run_id, qemu_pid
+
+    def test_sigint_mid_boot(self) -> None:
+        code, run_id, qemu_pid = self.interrupt_boot(signal.SIGINT)
+        self.assertEqual(code, 130)
+        self.assert_clean(run_id, qemu_pid)
+
+    def test_sigterm_mid_boot(self) -> None:
+        code, run_id, qemu_pid = self.interrupt_boot(signal.SIGTERM)
+        self.assertEqual(code, 143)
+        self.assert_clean(run_id, qemu_pid)
+
+    def test_sigkill_then_cleanup(self) -> None:
+        """SIGKILL cannot be caught: QEMU dies with its parent (pdeathsig), and
+        `apflab cleanup` undoes the rest from the run-state record."""
+        code, run_id, qemu_pid = self.interrupt_boot(signal.SIGKILL)
+        self.assertEqual(code, -signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while pid_alive(qemu_pid, None) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        self.assertFalse(pid_alive(qemu_pid, None), "QEMU outlived its killed parent")
+        self.assertNotEqual(leftovers.find(run_id), [], "a SIGKILLed run leaves its record")
+        out = subprocess.run(
+            [sys.executable, "-m", "apflab", "cleanup"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        self.log.info("cleanup said:\n%s", out)
+        self.assertIn(run_id, out)
+        self.assert_clean(run_id, qemu_pid)
+
+
+class InterruptPressure(RunControl):
+    """Ctrl-C during the workload of a pressure run: cgroup, swap and trace undone.
+
+    :avocado: tags=pressure,cleanup
+    """
+
+    timeout = 900
+
+    def test_sigint_mid_workload(self) -> None:
+        args = [
+            "run",
+            "--limit",
+            "256",
+            "--working-set",
+            "100",
+            "--procs",
+            "3",
+            "--rounds",
+            "50",
+            "--deadline",
+            "600",
+        ]
+        if not self.kvm_usable():
+            args += ["--accel", "tcg"]
+        proc = self.start(*args)
+        run_id = self.wait_for(proc, r"apflab run (\S+):", 120).group(1)
+        self.wait_for(proc, r"workload \.\.\.", 600)
+        time.sleep(10)
+        qemu_pid = self.qemu_of(run_id)
+        self.assertNotEqual(leftovers.find(run_id), [], "the run's cgroup/swap should exist now")
+        os.kill(proc.pid, signal.SIGINT)
+        code, _ = self.finish(proc, timeout=300)
+        self.assertEqual(code, 130)
+        self.assert_clean(run_id, qemu_pid)
+
+    @staticmethod
+    def kvm_usable() -> bool:
+        return kvm.probe().usable

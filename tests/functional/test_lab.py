@@ -1,0 +1,63 @@
+"""The nested KVM lab: L1 under TCG with emulated SVM, real KVM inside it.
+
+Runs on the host (it brings the lab up itself); inside the lab it cancels.
+"""
+
+import json
+import os
+from pathlib import Path
+
+from avocado import Test
+
+from apflab import leftovers
+from apflab.host import kvm
+from apflab.lab import Lab, LabConfig
+from apflab.undo import UndoStack
+
+
+class NestedLab(Test):
+    """
+    :avocado: tags=lab
+    """
+
+    timeout = 900
+
+    def setUp(self) -> None:
+        if os.environ.get("APFLAB_IN_LAB") == "1":
+            self.cancel("already inside the lab: no lab within the lab")
+        info = kvm.probe()
+        accel = self.params.get("lab_accel", default=None) or ("tcg" if not info.usable else None)
+        if accel is None:
+            self.cancel(f"{info.reason}: this host needs no lab (set lab_accel=kvm to nest)")
+        self.config = LabConfig(
+            memory_mb=int(self.params.get("lab_memory", default=3072)),
+            cpus=int(self.params.get("lab_cpus", default=2)),
+            accel=accel,
+        )
+
+    def test_l1_kvm_and_l2_with_async_pf(self) -> None:
+        undo = UndoStack(f"labtest-{self.name.uid}")
+        with undo, Lab(self.config, Path(self.logdir), undo) as lab:
+            facts = lab.facts
+            self.log.info("L1 up in %.1fs; L1 facts: %s", lab.timings["l1_boot"], facts)
+            self.assertEqual(facts["kvm"]["module"], "kvm_amd", "kvm_amd is not loaded in L1")
+            self.assertTrue(facts["kvm"]["usable"], "/dev/kvm does not open in L1")
+            self.assertEqual(facts["kvm"]["async_pf_int"], 1, "KVM_CAP_ASYNC_PF_INT missing")
+            self.assertIn("kvm_amd", lab.run(["cat", "/proc/modules"]).stdout)
+
+            boot = lab.run(
+                ["apflab", "boot", "--json", "--log-dir", "/root/results/lab-boot"], timeout=600
+            )
+            report = json.loads(boot.stdout)
+            self.log.info("L2 inside L1: %s", report)
+            lab.fetch("/root/results/lab-boot", Path(self.logdir) / "L2")
+            self.assertEqual(report["accel"], "kvm", "L2 did not run under KVM inside L1")
+            self.assertEqual(report["qmp_status"]["status"], "running")
+            self.assertEqual(report["ssh"], "ok")
+            self.assertTrue(report["vcpu_threads_in_qemu"])
+            self.assertTrue(report["async_pf"]["enabled"], report["async_pf"]["detail"])
+            self.assertTrue(report["async_pf"]["interrupt"], report["async_pf"]["detail"])
+            self.whiteboard = json.dumps(
+                {"l1_boot_s": round(lab.timings["l1_boot"], 1), "l2_boot_s": report["boot_seconds"]}
+            )
+        self.assertEqual(leftovers.find(undo.run_id), [])

@@ -1,0 +1,84 @@
+"""Host memory pressure: cgroup v2 with a KVM guest (async PFs counted), and
+cgroup v1 with a TCG guest (the cgroup and swap machinery on its own).
+
+Both use real cgroups and real swap, and verify that the host really swapped
+the guest's memory out and faulted it back in.
+"""
+
+import os
+from pathlib import Path
+
+from avocado import Test
+from scenario import from_params
+
+from apflab import leftovers
+from apflab.analysis import parse
+from apflab.errors import PreflightError
+from apflab.experiment import execute
+from apflab.host import cgroup, kvm
+
+
+class Pressure(Test):
+    """
+    :avocado: tags=pressure
+    """
+
+    timeout = 1200
+
+    def run_experiment(self, **overrides: object):  # type: ignore[no-untyped-def]
+        scenario = from_params(self.params, **overrides)
+        run_id = f"pressure-{self.name.uid}-{os.getpid()}"
+        rec = execute(scenario, Path(self.outputdir) / run_id, run_id, self.log.info)
+        self.assertEqual(rec.errors, [], "the run hit infrastructure errors")
+        self.assertEqual(leftovers.find(run_id), [], "host changes left behind")
+        p = rec.pressure
+        self.log.info("pressure: %s", {k: v for k, v in p.items() if k not in ("before", "after")})
+        self.assertGreater(p["swap_out_mb"], 0, "the host did not swap the guest's memory out")
+        self.assertGreater(p["major_faults"], 0, "no major faults in the guest's cgroup")
+        assert rec.workload is not None
+        self.assertTrue(rec.workload.completed, f"workload did not complete: {rec.workload.error}")
+        guest_majflt = (
+            rec.guest["vmstat_after"]["pgmajfault"] - rec.guest["vmstat_before"]["pgmajfault"]
+        )
+        self.log.info("guest-side major faults during the workload: %d", guest_majflt)
+        return rec
+
+    def test_cgroup_v2_kvm_async_pf(self) -> None:
+        info = kvm.probe()
+        if not info.usable:
+            self.cancel(f"needs real KVM ({info.reason}); runs in the lab phase")
+        if cgroup.detect().version != 2:
+            self.cancel("needs a cgroup v2 memory controller")
+        rec = self.run_experiment()
+        self.assertEqual(rec.pressure["cgroup"]["version"], 2)
+        assert rec.trace_path is not None
+        counts: dict[str, int] = {}
+        with parse.open_trace(rec.trace_path) as f:
+            for ev in parse.iter_events(f):
+                counts[ev.name] = counts.get(ev.name, 0) + 1
+        not_present = counts.get("kvm_async_pf_not_present", 0)
+        self.log.info("trace event counts: %s", counts)
+        self.whiteboard = (
+            f"swap-out {rec.pressure['swap_out_mb']} MiB, major faults "
+            f"{rec.pressure['major_faults']}, async PFs {not_present}, "
+            f"workload {rec.workload.seconds:.0f}s"  # type: ignore[union-attr]
+        )
+        self.assertGreaterEqual(
+            not_present,
+            int(self.params.get("min_async_pf", default=10000)),
+            "the default scenario must produce >= 10,000 async PFs",
+        )
+
+    def test_cgroup_v1_tcg(self) -> None:
+        try:
+            info = cgroup.detect()
+        except PreflightError as err:
+            self.cancel(f"no memory cgroup: {err}")
+        if info.version != 1:
+            self.cancel("needs a cgroup v1 memory controller (this host has v2)")
+        rec = self.run_experiment(accel="tcg", trace=False)
+        self.assertEqual(rec.pressure["cgroup"]["version"], 1)
+        self.whiteboard = (
+            f"swap-out {rec.pressure['swap_out_mb']} MiB, major faults "
+            f"{rec.pressure['major_faults']}"
+        )

@@ -62,12 +62,15 @@ lint: deps
 unit: deps
 	$(VENV)/bin/pytest tests/unit
 
-functional: deps
+functional: deps images
+	$(APFLAB) cleanup
 	$(APFLAB) check-functional --results $(RESULTS)
+	$(APFLAB) cleanup --check
 
 check: deps lint unit functional
 
-run: deps
+run: deps images
+	$(APFLAB) cleanup
 	$(APFLAB) run --results $(RESULTS)
 
 bench: deps

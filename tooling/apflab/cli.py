@@ -234,6 +234,14 @@ def cmd_boot(args: argparse.Namespace) -> int:
 def cmd_cleanup(args: argparse.Namespace) -> int:
     from apflab import undo  # noqa: PLC0415
 
+    if args.check:
+        from apflab import leftovers  # noqa: PLC0415
+
+        found = leftovers.find()
+        for line in found:
+            print(f"left behind: {line}")
+        print("host is clean" if not found else f"{len(found)} thing(s) of ours left behind")
+        return EXIT_FAIL if found else EXIT_OK
     runs = undo.list_runs()
     if args.dry_run:
         for r in runs:
@@ -292,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cleanup", help="undo what killed runs left behind")
     c.add_argument("--all", action="store_true", help="also stop runs that are still alive")
     c.add_argument("--dry-run", action="store_true")
+    c.add_argument("--check", action="store_true",
+                   help="change nothing; list anything of ours left on the host (exit 1 if any)")
     c.set_defaults(func=cmd_cleanup)
 
     lab = sub.add_parser("lab", help="the nested KVM lab: up | run -- CMD | down | status")

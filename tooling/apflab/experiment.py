@@ -30,7 +30,7 @@ from apflab import guestinfo, images, paths
 from apflab.errors import ApflabError, PreflightError, UsageError
 from apflab.host import kvm, tracefs
 from apflab.pressure import Pressure, PressureSpec, preflight
-from apflab.undo import UndoStack
+from apflab.undo import RemoveTree, UndoStack
 from apflab.vm.qemu import BootSpec, Guest, GuestConfig
 from apflab.workload import WorkloadResult, WorkloadSpec, run_workload
 
@@ -204,7 +204,8 @@ def execute(
     )
     try:
         with UndoStack(run_id) as undo:
-            _run(scenario, cfg, cginfo, undo, rec, phases, emit)
+            pressure = Pressure(scenario.pressure, cginfo, undo)
+            _Experiment(scenario, cfg, pressure, undo, rec, emit).run(phases)
     except (UsageError, PreflightError):
         raise
     except ApflabError as err:
@@ -215,90 +216,121 @@ def execute(
     return rec
 
 
-def _run(
-    scenario: Scenario,
-    cfg: GuestConfig,
-    cginfo: Any,
-    undo: UndoStack,
-    rec: RunRecord,
-    phases: Phases,
-    emit: Callable[[str], None],
-) -> None:
-    pressure = Pressure(scenario.pressure, cginfo, undo)
-    with phases.phase("pressure setup (swap, cgroup)"):
-        pressure.setup()
-    trace_txt = paths.runtime_root() / f"{rec.run_id}-trace.txt"
-    session: tracefs.TraceSession | None = None
-    with phases.phase("guest boot"):
+class _Experiment:
+    """The phases of one run, in order; each leaves its evidence in ``rec``."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        cfg: GuestConfig,
+        pressure: Pressure,
+        undo: UndoStack,
+        rec: RunRecord,
+        emit: Callable[[str], None],
+    ) -> None:
+        self.scenario, self.cfg, self.pressure, self.undo = scenario, cfg, pressure, undo
+        self.rec, self.emit = rec, emit
+        self.trace_txt = paths.runtime_root() / f"{rec.run_id}-trace.txt"
+        self.session: tracefs.TraceSession | None = None
+        self.vm: Guest | None = None
+
+    def run(self, phases: Phases) -> None:
+        with phases.phase("pressure setup (swap, cgroup)"):
+            self.pressure.setup()
+        with phases.phase("guest boot"):
+            vm = self.boot()
+        with phases.phase("guest checks"):
+            self.checks(vm)
+        if self.scenario.trace and vm.accel == "kvm":
+            with phases.phase("trace start"):
+                self.start_trace()
+        with phases.phase("memory limit"):
+            self.squeeze()
+        with phases.phase("workload"):
+            wl = run_workload(vm, self.scenario.workload, self.scenario.deadline_s)
+            self.rec.workload = wl
+            state = "completed" if wl.completed else wl.error
+            self.emit(f"          workload: {state} in {wl.seconds:.1f}s, {len(wl.rounds)} rounds")
+        with phases.phase("evidence"):
+            self.evidence(vm)
+        if self.session is not None:
+            with phases.phase("trace save"):
+                self.save_trace(self.session)
+        with phases.phase("guest stop"):
+            vm.shutdown()
+
+    def boot(self) -> Guest:
+        rec = self.rec
 
         def move_into_cgroup(g: Guest) -> None:
-            rec.guest["threads_in_cgroup"] = len(pressure.attach(g.pid))
+            rec.guest["threads_in_cgroup"] = len(self.pressure.attach(g.pid))
 
-        vm = Guest(cfg, rec.results / "logs", undo, before_start=move_into_cgroup)
+        vm = Guest(self.cfg, rec.results / "logs", self.undo, before_start=move_into_cgroup)
         vm.launch()  # on any error below, the undo stack kills QEMU (after the trace stops)
         vm.wait_ready()
-    rec.guest["boot_seconds"] = round(vm.boot_seconds or 0, 1)
-    rec.guest["accel"] = vm.accel
-    rec.kernel["release"] = vm.run(["uname", "-r"]).stdout.strip()
-    rec.vcpus = vm.vcpu_threads()
-    with phases.phase("guest checks"):
+        rec.guest["boot_seconds"] = round(vm.boot_seconds or 0, 1)
+        rec.guest["accel"] = vm.accel
+        rec.kernel["release"] = vm.run(["uname", "-r"]).stdout.strip()
+        rec.vcpus = vm.vcpu_threads()
+        return vm
+
+    def checks(self, vm: Guest) -> None:
+        rec = self.rec
         if vm.accel == "kvm":
             apf = guestinfo.apf_msrs(vm)
             rec.guest["async_pf"] = {
                 "enabled": apf.enabled and apf.interrupt_delivery,
                 "detail": apf.describe(),
             }
-            cpuprops = vm.qmp.cmd(
+            rec.guest["qmp_kvm_asyncpf_int"] = vm.qmp.cmd(
                 "qom-get", path="/machine/unattached/device[0]", property="kvm-asyncpf-int"
             )
-            rec.guest["qmp_kvm_asyncpf_int"] = cpuprops
-        rec.guest["hyp_before"] = guestinfo.hyp_interrupts(vm)
-        rec.guest["vmstat_before"] = _guest_vmstat(vm)
-    if scenario.trace and vm.accel == "kvm":
-        with phases.phase("trace start"):
-            session = tracefs.TraceSession(
-                f"apflab-{rec.run_id}", trace_txt, undo, buffer_kb=scenario.trace_buffer_kb
-            )
-            undo.push(_remove_file_action(trace_txt))
-            session.start()
-            (rec.results / "trace-formats.txt").write_text(session.formats())
-    with phases.phase("memory limit"):
-        before = pressure.snapshot()
-        pressure.report.before = before
-        rec.pressure["reclaim_seconds"] = round(pressure.apply(), 1)
-    with phases.phase("workload"):
-        wl = run_workload(vm, scenario.workload, scenario.deadline_s)
-        rec.workload = wl
-        emit(
-            f"          workload: {'completed' if wl.completed else wl.error} "
-            f"in {wl.seconds:.1f}s, {len(wl.rounds)} round reports"
+        rec.guest["hyp_before"] = guestinfo.hyp_interrupts(
+            vm, rec.results / "guest" / "interrupts.before"
         )
-    with phases.phase("evidence"):
-        pressure.report.after = pressure.snapshot()
-        report = pressure.finish()
-        rec.pressure.update(report.to_dict())
-        _guest_after(vm, rec)
-        with (rec.results / "workload.jsonl").open("w") as f:
-            for r in wl.rounds:
+        rec.guest["vmstat_before"] = _guest_vmstat(vm)
+
+    def start_trace(self) -> None:
+        self.session = tracefs.TraceSession(
+            f"apflab-{self.rec.run_id}",
+            self.trace_txt,
+            self.undo,
+            buffer_kb=self.scenario.trace_buffer_kb,
+        )
+        self.undo.push(RemoveTree(str(self.trace_txt)))
+        self.session.start()
+        (self.rec.results / "trace-formats.txt").write_text(self.session.formats())
+
+    def squeeze(self) -> None:
+        self.pressure.report.before = self.pressure.snapshot()
+        self.pressure.save_raw(self.rec.results / "host", "before")
+        self.rec.pressure["reclaim_seconds"] = round(self.pressure.apply(), 1)
+
+    def evidence(self, vm: Guest) -> None:
+        self.pressure.report.after = self.pressure.snapshot()
+        self.pressure.save_raw(self.rec.results / "host", "after")
+        self.rec.pressure.update(self.pressure.finish().to_dict())
+        _guest_after(vm, self.rec)
+        with (self.rec.results / "workload.jsonl").open("w") as f:
+            for r in self.rec.workload.rounds if self.rec.workload else []:
                 f.write(json.dumps(r) + "\n")
-    if session is not None:
-        with phases.phase("trace save"):
-            stats = session.stop()
-            rec.trace_lost = stats.lost
-            rec.trace_stats = {
-                "bytes": stats.bytes_written,
-                "overrun": stats.overrun,
-                "dropped": stats.dropped,
-                "per_cpu": {str(k): v for k, v in stats.per_cpu.items()},
-            }
-            dest = rec.results / "trace.txt.xz"
-            compress(trace_txt, dest)
-            rec.trace_path = dest
-            (rec.results / "vcpus.json").write_text(
-                json.dumps({str(k): v for k, v in rec.vcpus.items()}) + "\n"
-            )
-    with phases.phase("guest stop"):
-        vm.shutdown()
+
+    def save_trace(self, session: tracefs.TraceSession) -> None:
+        rec = self.rec
+        stats = session.stop()
+        rec.trace_lost = stats.lost
+        rec.trace_stats = {
+            "bytes": stats.bytes_written,
+            "overrun": stats.overrun,
+            "dropped": stats.dropped,
+            "per_cpu": {str(k): v for k, v in stats.per_cpu.items()},
+        }
+        dest = rec.results / "trace.txt.xz"
+        compress(self.trace_txt, dest)
+        rec.trace_path = dest
+        (rec.results / "vcpus.json").write_text(
+            json.dumps({str(k): v for k, v in rec.vcpus.items()}) + "\n"
+        )
 
 
 def _guest_vmstat(vm: Guest) -> dict[str, int]:
@@ -312,7 +344,9 @@ def _guest_vmstat(vm: Guest) -> dict[str, int]:
 def _guest_after(vm: Guest, rec: RunRecord) -> None:
     """Guest-side evidence after the workload; a stalled guest may not answer."""
     try:
-        rec.guest["hyp_after"] = guestinfo.hyp_interrupts(vm)
+        rec.guest["hyp_after"] = guestinfo.hyp_interrupts(
+            vm, rec.results / "guest" / "interrupts.after"
+        )
         rec.guest["vmstat_after"] = _guest_vmstat(vm)
         dmesg = vm.run(["dmesg"], check=False, timeout=30).stdout
         (rec.results / "logs" / "guest-dmesg.txt").write_text(dmesg)
@@ -325,12 +359,6 @@ def _guest_after(vm: Guest, rec: RunRecord) -> None:
     from_console = guestinfo.parse_hung_tasks(console)
     known = set(rec.guest.get("hung_tasks", []))
     rec.guest["hung_tasks"] = sorted(known | set(from_console))
-
-
-def _remove_file_action(path: Path) -> Any:
-    from apflab.undo import RemoveTree  # noqa: PLC0415
-
-    return RemoveTree(str(path))
 
 
 def with_scenario(base: Scenario, **changes: Any) -> Scenario:

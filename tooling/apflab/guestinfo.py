@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from apflab.process import CmdResult
@@ -106,8 +107,13 @@ def apf_msrs(vm: Runner) -> ApfState:
     return ApfState(read_msr(vm, MSR_KVM_ASYNC_PF_EN), read_msr(vm, MSR_KVM_ASYNC_PF_INT) & 0xFF)
 
 
-def hyp_interrupts(vm: Runner) -> list[int]:
-    return parse_interrupts(vm.run(["cat", "/proc/interrupts"]).stdout)
+def hyp_interrupts(vm: Runner, save: Path | None = None) -> list[int]:
+    """Per-CPU HYP counts; the raw /proc/interrupts text is kept in ``save``."""
+    text = vm.run(["cat", "/proc/interrupts"]).stdout
+    if save is not None:
+        save.parent.mkdir(parents=True, exist_ok=True)
+        save.write_text(text)
+    return parse_interrupts(text)
 
 
 def hung_tasks(vm: Runner) -> list[str]:

@@ -31,42 +31,62 @@ def qemu_processes(marker: str | None = None) -> list[str]:
     return found
 
 
+def _named(paths_: list[Path], what: str, marker: str | None) -> list[str]:
+    return [f"{what} {p}" for p in sorted(paths_) if marker is None or marker in p.name]
+
+
+def _runtime(marker: str | None) -> list[str]:
+    root = paths.runtime_root()
+    if not root.exists():
+        return []
+    out = _named(list(root.iterdir()), "runtime entry", marker)
+    sdir = paths.state_dir()
+    if sdir.is_dir():
+        out += _named(list(sdir.glob("*.json")), "run-state record", marker)
+    return out
+
+
+def _cgroups(marker: str | None) -> list[str]:
+    try:
+        info = cgroup.detect()
+    except PreflightError:
+        return []  # no memory controller: no cgroup of ours either
+    return _named(list(info.parent.glob("apflab-*")), "cgroup", marker)
+
+
+def _swaps(marker: str | None) -> list[str]:
+    root = str(paths.runtime_root())
+    active = swap.active_swaps()
+    out = [
+        f"swap area {e.path}"
+        for e in active
+        if root in e.path or (marker is not None and marker in e.path)
+    ]
+    lab_swap = os.environ.get("APFLAB_LAB_SWAP_DEVICE")
+    if lab_swap and os.path.exists(lab_swap):
+        real = os.path.realpath(lab_swap)
+        if any(os.path.realpath(e.path) == real for e in active):
+            out.append(f"swap area {real} (the lab's swap disk)")
+    return out
+
+
+def _tracefs(marker: str | None) -> list[str]:
+    for base in tracefs.TRACEFS_CANDIDATES:
+        inst = base / "instances"
+        if inst.is_dir():
+            return _named(list(inst.glob("apflab-*")), "tracefs instance", marker)
+    return []
+
+
 def find(marker: str | None = None) -> list[str]:
     """One line per leftover; empty means the host is clean.
 
     :param marker: restrict to things whose name/path contains this (a run id)
     """
-    out = qemu_processes(marker)
-    root = paths.runtime_root()
-    if root.exists():
-        for entry in sorted(root.iterdir()):
-            if marker is None or marker in entry.name:
-                out.append(f"runtime entry {entry}")
-        sdir = paths.state_dir()
-        if sdir.is_dir():
-            for rec in sorted(sdir.glob("*.json")):
-                if marker is None or marker in rec.name:
-                    out.append(f"run-state record {rec}")
-    try:
-        info = cgroup.detect()
-        for cg in sorted(info.parent.glob("apflab-*")):
-            if marker is None or marker in cg.name:
-                out.append(f"cgroup {cg}")
-    except PreflightError:
-        pass  # no memory controller: no cgroup of ours either
-    for e in swap.active_swaps():
-        if str(root) in e.path or (marker is not None and marker in e.path):
-            out.append(f"swap area {e.path}")
-    lab_swap = os.environ.get("APFLAB_LAB_SWAP_DEVICE")
-    if lab_swap and os.path.exists(lab_swap):
-        real = os.path.realpath(lab_swap)
-        if any(os.path.realpath(e.path) == real for e in swap.active_swaps()):
-            out.append(f"swap area {real} (the lab's swap disk)")
-    for base in tracefs.TRACEFS_CANDIDATES:
-        inst = base / "instances"
-        if inst.is_dir():
-            for i in sorted(inst.glob("apflab-*")):
-                if marker is None or marker in i.name:
-                    out.append(f"tracefs instance {i}")
-            break
-    return out
+    return (
+        qemu_processes(marker)
+        + _runtime(marker)
+        + _cgroups(marker)
+        + _swaps(marker)
+        + _tracefs(marker)
+    )

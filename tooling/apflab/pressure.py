@@ -189,6 +189,22 @@ class Pressure:
         log.info("pressure: QEMU pid %d and its %d threads are in %s", pid, len(tids), self.cg)
         return tids
 
+    def save_raw(self, directory: Path, label: str) -> None:
+        """Keep the raw kernel texts behind a snapshot (evidence, and unit-test fixtures)."""
+        cg = self.require_cg()
+        directory.mkdir(parents=True, exist_ok=True)
+        sources = {
+            "memory.stat": cg.path / "memory.stat",
+            "memory.events": cg.path / ("memory.events" if cg.version == 2 else "memory.failcnt"),
+            "proc-swaps": Path("/proc/swaps"),
+            "proc-vmstat": Path("/proc/vmstat"),
+        }
+        for name, src in sources.items():
+            try:
+                (directory / f"{label}.{name}").write_text(src.read_text())
+            except OSError as err:
+                log.warning("pressure: cannot save %s: %s", src, err)
+
     def snapshot(self) -> Counters:
         cg = self.require_cg()
         vm = swap.vmstat()

@@ -1,0 +1,97 @@
+"""Analyzer benchmark: how many events per second parse and parse+analyze handle.
+
+:func:`bench_analyzer` reads the trace into memory once (so disk and
+decompression are timed apart), then times, ``repeat`` times each, the parser
+alone and the parser feeding :func:`~apflab.analysis.lifecycle.analyze`; the best
+run of each is reported (the least disturbed by other load).  It prints nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from apflab import paths
+from apflab.analysis import lifecycle, parse
+from apflab.errors import AnalysisError, UsageError
+
+#: Where a default benchmark trace is looked for, relative to the source checkout.
+DEFAULT_TRACE = Path("tests/unit/fixtures/traces/stock-1-full.trace.xz")
+
+
+def default_trace() -> Path:
+    """The full real trace shipped with the unit-test fixtures.
+
+    :raises UsageError: not running from a source checkout that has it
+    """
+    root = paths.repo_root()
+    if root is None or not (root / DEFAULT_TRACE).is_file():
+        raise UsageError(f"no default trace ({DEFAULT_TRACE} in a source checkout): pass one")
+    return root / DEFAULT_TRACE
+
+
+def bench_analyzer(trace_path: str | Path, repeat: int = 3) -> dict[str, Any]:
+    """Measure the analyzer on one trace.
+
+    :param trace_path: a trace file (plain, ``.xz`` or ``.gz``)
+    :param repeat: timed runs of each stage (the best is reported)
+    :returns: ``{"trace", "lines", "events", "repeat", "read_s", "parse_s",
+        "parse_events_per_s", "analyze_s", "analyze_events_per_s",
+        "analyze_only_events_per_s"}`` — ``analyze_s`` is parse+analyze,
+        ``analyze_only_events_per_s`` the analysis alone on pre-parsed events
+    :raises AnalysisError: the trace cannot be read or has no events
+    """
+    if repeat < 1:
+        raise UsageError(f"repeat must be >= 1, not {repeat}")
+    t0 = time.perf_counter()
+    with parse.open_trace(trace_path) as f:
+        try:
+            lines = f.readlines()
+        except OSError as err:
+            raise AnalysisError(f"cannot read trace {trace_path}: {err}") from err
+    read_s = time.perf_counter() - t0
+    parse_best = analyze_best = only_best = float("inf")
+    events = 0
+    for _ in range(repeat):
+        t = time.perf_counter()
+        st = parse.ParseStats()
+        deque(parse.iter_events(lines, st), maxlen=0)
+        parse_best = min(parse_best, time.perf_counter() - t)
+        events = st.events
+        t = time.perf_counter()
+        lifecycle.analyze(parse.iter_events(lines))
+        analyze_best = min(analyze_best, time.perf_counter() - t)
+    if events == 0:
+        raise AnalysisError(f"{trace_path}: no async-PF events to benchmark on")
+    parsed = list(parse.iter_events(lines))
+    for _ in range(repeat):
+        t = time.perf_counter()
+        lifecycle.analyze(parsed)
+        only_best = min(only_best, time.perf_counter() - t)
+    return {
+        "trace": str(trace_path),
+        "lines": len(lines),
+        "events": events,
+        "repeat": repeat,
+        "read_s": round(read_s, 4),
+        "parse_s": round(parse_best, 4),
+        "parse_events_per_s": int(events / parse_best),
+        "analyze_s": round(analyze_best, 4),
+        "analyze_events_per_s": int(events / analyze_best),
+        "analyze_only_events_per_s": int(events / only_best),
+    }
+
+
+def format_result(result: dict[str, Any]) -> str:
+    """A few human lines for ``apflab bench``."""
+    return (
+        f"trace:   {result['trace']} ({result['lines']} lines, {result['events']} events)\n"
+        f"parse:   {result['parse_events_per_s']:>10,} events/s  "
+        f"(best of {result['repeat']}: {result['parse_s']} s)\n"
+        f"analyze: {result['analyze_events_per_s']:>10,} events/s  parse+analyze "
+        f"({result['analyze_s']} s); analysis alone "
+        f"{result['analyze_only_events_per_s']:,} events/s\n"
+        f"read:    {result['read_s']} s (file + decompression, not in the rates)"
+    )

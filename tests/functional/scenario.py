@@ -5,6 +5,7 @@ the same name (yaml_to_mux variants, ``-p key=value``); unset ones keep the
 calibrated defaults.
 """
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,6 @@ def from_params(params: Any, **overrides: Any) -> Scenario:
     kernel = params.get("kernel", default=None)
     initrd = params.get("initrd", default=None)
     swap_device = params.get("swap_device", default=None)
-    import os
-
     if swap_device is None and os.environ.get("APFLAB_IN_LAB") == "1":
         swap_device = os.environ.get("APFLAB_LAB_SWAP_DEVICE")
     fields: dict[str, Any] = dict(

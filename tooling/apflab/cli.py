@@ -300,8 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cleanup", help="undo what killed runs left behind")
     c.add_argument("--all", action="store_true", help="also stop runs that are still alive")
     c.add_argument("--dry-run", action="store_true")
-    c.add_argument("--check", action="store_true",
-                   help="change nothing; list anything of ours left on the host (exit 1 if any)")
+    c.add_argument(
+        "--check",
+        action="store_true",
+        help="change nothing; list anything of ours left on the host (exit 1 if any)",
+    )
     c.set_defaults(func=cmd_cleanup)
 
     lab = sub.add_parser("lab", help="the nested KVM lab: up | run -- CMD | down | status")

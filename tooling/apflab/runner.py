@@ -175,12 +175,15 @@ def judge(rec: RunRecord, emit: Emit) -> dict[str, Any]:
     """Analyse the trace and the evidence; write verdict.json and report.html."""
     t0 = time.monotonic()
     analysis = None
+    thresholds = verdict.Thresholds()
     if rec.trace_path is not None:
         vcpu_of_pid = {tid: idx for idx, tid in rec.vcpus.items()}
         with parse.open_trace(rec.trace_path) as f:
-            analysis = lifecycle.analyze(parse.iter_events(f), vcpu_of_pid=vcpu_of_pid)
+            # the trace ends with our "trace end" marker: the end of observation
+            analysis = lifecycle.analyze(
+                parse.iter_events(f), vcpu_of_pid=vcpu_of_pid, grace_us=thresholds.grace_us
+            )
     evidence = evidence_from_record(rec)
-    thresholds = verdict.Thresholds()
     result = verdict.judge(analysis, evidence, thresholds)
     doc = verdict.verdict_document(
         result,

@@ -184,8 +184,13 @@ class TraceSession:
         self._thread.start()
         self.undo.callback(self._join_reader, f"stop trace reader {self.name}")
         self._write("tracing_on", "1")
+        self.mark("apflab: trace start")
         self.started_at = time.monotonic()
         log.info("trace: instance %s streaming to %s", inst, self.out_path)
+
+    def mark(self, text: str) -> None:
+        """Write a line into our instance's trace (``tracing_mark_write``)."""
+        self._write("trace_marker", text)
 
     def formats(self) -> str:
         """The ``format`` files of our events (kept with the trace for provenance)."""
@@ -243,6 +248,9 @@ class TraceSession:
     def stop(self) -> CaptureStats:
         """Stop tracing, drain what is buffered to the file, read the loss counters."""
         assert self.instance is not None
+        # The end of observation, on the trace clock: outstanding tokens are
+        # censored at this time (their age is measured up to here).
+        self.mark("apflab: trace end")
         self._write("tracing_on", "0")
         self._join_reader()
         if self._error is not None:

@@ -1,0 +1,355 @@
+"""Trace text → events: parse the tracefs lines of the kvm async-PF events.
+
+Input is the text the kernel writes into ``trace`` or ``trace_pipe`` of a tracefs
+instance (``#`` header lines allowed), e.g. (columns shortened)::
+
+ qemu-system-x86-135 [000] ..... 22.435703: kvm_async_pf_not_present: token 0x1001 gva 0x177fd000
+       CPU 0/KVM-134 [000] .N...  9.092988: kvm_async_pf_ready: token 0xffffffff gva 0x0
+      kworker/0:1-17 [000] ..... 22.436089: kvm_async_pf_completed: gva 0x177fd000 address 0x7f7...
+
+The task name (``comm``) may contain spaces and ``-`` (QEMU's ``debug-threads=on``
+names vCPU threads ``CPU 0/KVM``): the pid is the digits after the *last* ``-``
+before the ``[cpu]`` field.  The ``irqs-off/need-resched/...`` flags column and
+a ``(tgid)`` column (``options/record-tgid``) are optional.
+
+``trace_marker`` writes (``tracing_mark_write: ...``) become :attr:`Kind.MARKER`
+events: they carry only a timestamp, so a runner that writes a marker when it
+stops tracing gives the analysis the true end of observation.
+
+Only the events the analysis needs become :class:`Event` s; every other line
+(other events, other MSRs, exceptions other than #PF) is skipped and counted as
+*unparsed* by :func:`iter_events`.  Lines of a known event whose arguments do not
+parse are counted apart as *malformed* (a truncated last line of ``trace_pipe``,
+or a kernel whose event format changed).
+
+Speed: one ``str.partition`` / ``str.rsplit`` fast path per line and one
+:class:`Event` tuple per event; a precompiled regular expression is only the
+fallback for unusual layouts.  ``apflab bench`` measures it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import lzma
+import re
+from collections.abc import Generator, Iterable
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+from typing import NamedTuple, TextIO
+
+from apflab.errors import AnalysisError
+
+#: ``MSR_KVM_ASYNC_PF_ACK`` as ``kvm_msr`` prints it (``%x``).
+ACK_MSR = "4b564d07"
+#: The token of a wake-all (broadcast) page-ready.
+WAKE_ALL_TOKEN = 0xFFFFFFFF
+#: :attr:`Event.token` of events that carry no token.
+NO_TOKEN = -1
+
+
+class Kind(IntEnum):
+    """What an :class:`Event` is.  Values are small ints (cheap to compare)."""
+
+    NOT_PRESENT = 0  #: ``kvm_async_pf_not_present`` (vCPU thread): token, gva
+    READY = 1  #: ``kvm_async_pf_ready`` (vCPU thread): token, gva
+    COMPLETED = 2  #: ``kvm_async_pf_completed`` (kworker): gva (no token)
+    REPEATED_FAULT = 3  #: ``kvm_async_pf_repeated_fault``: gva
+    TRY_GET_PAGE = 4  #: ``kvm_try_async_get_page``: gva
+    ACK = 5  #: ``kvm_msr: msr_write 4b564d07 = <odd>``: the guest's page-ready ACK
+    PF = 6  #: ``kvm_inj_exception: #PF ...`` (first injection)
+    PF_REINJECTED = 7  #: ``kvm_inj_exception: #PF ... [reinjected]``
+    MARKER = 8  #: ``tracing_mark_write`` (a ``trace_marker`` write): a timestamp only
+
+
+class Event(NamedTuple):
+    """One trace event.
+
+    :ivar ts_us: timestamp in integer microseconds (the trace clock's value)
+    :ivar pid: the emitting thread's id (a vCPU thread, or a kworker for COMPLETED)
+    :ivar cpu: the host (L1) CPU the event was logged on
+    :ivar kind: a :class:`Kind`
+    :ivar token: the async-PF token, or :data:`NO_TOKEN`
+    :ivar gva: the faulting address as KVM logs it (with TDP it is the guest
+        *physical* address of the fault, offset included), or 0
+    """
+
+    ts_us: int
+    pid: int
+    cpu: int
+    kind: Kind
+    token: int
+    gva: int
+
+
+@dataclass
+class ParseStats:
+    """Counters :func:`iter_events` fills in while it reads (one per reader).
+
+    :ivar lines: every line seen
+    :ivar header: ``#`` comment lines and blank lines
+    :ivar events: lines that became an :class:`Event`
+    :ivar unparsed: other lines (other events, other MSRs, non-#PF exceptions,
+        text that is not a trace line); includes ``malformed``
+    :ivar malformed: lines of a handled event whose arguments did not parse
+    :ivar first_malformed: the first such line, for error messages
+    """
+
+    lines: int = 0
+    header: int = 0
+    events: int = 0
+    unparsed: int = 0
+    malformed: int = 0
+    first_malformed: str | None = None
+
+
+# event name after "kvm_" → kind
+_EVENTS: dict[str, Kind] = {
+    "async_pf_not_present": Kind.NOT_PRESENT,
+    "async_pf_ready": Kind.READY,
+    "async_pf_completed": Kind.COMPLETED,
+    "async_pf_repeated_fault": Kind.REPEATED_FAULT,
+    "try_async_get_page": Kind.TRY_GET_PAGE,
+    "msr": Kind.ACK,
+    "inj_exception": Kind.PF,
+}
+_MARKER_SEP = ": tracing_mark_write: "
+_NP, _READY, _COMPLETED = Kind.NOT_PRESENT, Kind.READY, Kind.COMPLETED
+_ACK, _PF, _PF_RE, _MARK = Kind.ACK, Kind.PF, Kind.PF_REINJECTED, Kind.MARKER
+_new_event = tuple.__new__  # Event(...) without the generated __new__'s Python frame
+_PREFIX_CACHE_MAX = 4096
+
+# The general layout, for lines the fast path does not take (a tgid column, odd spacing).
+_LINE_RE = re.compile(
+    r"^\s*(?P<comm>.*)-(?P<pid>\d+)\s+(?:\(\s*[\d-]+\)\s+)?\[(?P<cpu>\d+)\]\s+"
+    r"(?:[^\s\d]\S*\s+)?(?P<ts>\d+(?:\.\d+)?): (?P<event>\w+): (?P<args>.*)$"
+)
+_PREFIX_RE = re.compile(
+    r"^\s*(?P<comm>.*)-(?P<pid>\d+)\s+(?:\(\s*[\d-]+\)\s+)?\[(?P<cpu>\d+)\](?:\s+[^\s\d]\S*)?$"
+)
+
+
+def _ts_us(ts: str) -> int:
+    sec, _, frac = ts.partition(".")
+    if len(frac) == 6:
+        return int(sec + frac)
+    if not frac:
+        return int(sec) * 1_000_000
+    return int(sec) * 1_000_000 + int((frac + "000000")[:6])
+
+
+def _prefix(prefix: str) -> tuple[int, int] | None:
+    """``"  comm-pid   [cpu] flags"`` (flags and a ``(tgid)`` optional) → (pid, cpu)."""
+    parts = prefix.rsplit(None, 2)
+    if len(parts) == 3 and parts[1][:1] == "[" and parts[1][-1:] == "]":
+        task, cpu = parts[0], parts[1]
+    elif len(parts) >= 2 and parts[-1][:1] == "[" and parts[-1][-1:] == "]":
+        task, cpu = prefix.rsplit(None, 1)
+    else:
+        task = cpu = ""
+    pid = task.rpartition("-")[2]
+    if pid.isdigit() and cpu[1:-1].isdigit() and "(" not in task:
+        return int(pid), int(cpu[1:-1])
+    m = _PREFIX_RE.match(prefix)
+    return (int(m["pid"]), int(m["cpu"])) if m else None
+
+
+def _build(kind: Kind, ts_us: int, pid: int, cpu: int, args: str) -> Event | None:
+    """A handled event's arguments → :class:`Event`; None when it is not one we keep.
+
+    :raises ValueError: the arguments do not have the expected form
+    :raises IndexError: likewise
+    """
+    if kind is _NP or kind is _READY:
+        # "token 0x1001 gva 0x177fd000"
+        a = args.split()
+        if a[0] != "token" or a[2] != "gva":
+            raise ValueError(args)
+        return _new_event(Event, (ts_us, pid, cpu, kind, int(a[1], 16), int(a[3], 16)))
+    if kind is _COMPLETED:
+        # "gva 0x177fd000 address 0x7f70635fd000"
+        if args[:4] != "gva ":
+            raise ValueError(args)
+        return _new_event(
+            Event, (ts_us, pid, cpu, kind, NO_TOKEN, int(args[4:].partition(" ")[0], 16))
+        )
+    if kind is _ACK:
+        # "msr_write 4b564d07 = 0x1" (+ " (#GP)" when the write faulted: not an ACK)
+        if not args.startswith("msr_write 4b564d07 "):
+            return None
+        a = args.split()
+        if len(a) == 4 and int(a[3], 16) & 1:
+            return _new_event(Event, (ts_us, pid, cpu, kind, NO_TOKEN, 0))
+        return None
+    if kind is _PF:
+        # "#PF (0x0)" or "#PF (0x0) [reinjected]"
+        if args[:3] != "#PF":
+            return None
+        k = _PF_RE if "[reinjected]" in args else _PF
+        return _new_event(Event, (ts_us, pid, cpu, k, NO_TOKEN, 0))
+    # "gva = 0x177fd000, gfn = 0x177fd"
+    if args[:6] != "gva = ":
+        raise ValueError(args)
+    return _new_event(Event, (ts_us, pid, cpu, kind, NO_TOKEN, int(args[6:].partition(",")[0], 16)))
+
+
+def _parse_slow(line: str) -> Event | None:
+    m = _LINE_RE.match(line.rstrip("\n"))
+    if m is None or not m["event"].startswith("kvm_"):
+        return None
+    kind = _EVENTS.get(m["event"][4:])
+    if kind is None:
+        return None
+    return _build(kind, _ts_us(m["ts"]), int(m["pid"]), int(m["cpu"]), m["args"])
+
+
+def _parse_marker(line: str) -> Event | None:
+    head, sep, _ = line.partition(_MARKER_SEP)
+    if not sep:
+        return None
+    prefix, _, ts = head.rpartition(" ")
+    pc = _prefix(prefix)
+    if pc is None:
+        return None
+    try:
+        return _new_event(Event, (_ts_us(ts), pc[0], pc[1], _MARK, NO_TOKEN, 0))
+    except ValueError:
+        return None
+
+
+def parse_line(line: str) -> Event | None:
+    """Parse one trace line.
+
+    :returns: the :class:`Event`, or None for header lines, events the analysis
+        does not use, MSRs other than the ACK, exceptions other than #PF
+    :raises ValueError: the line is a handled event whose arguments do not parse
+        (:func:`iter_events` counts these as malformed instead)
+    """
+    head, sep, tail = line.partition(": kvm_")
+    if not sep:
+        return _parse_marker(line)
+    name, sep2, args = tail.partition(": ")
+    kind = _EVENTS.get(name)
+    if kind is None or not sep2:
+        return None
+    prefix, _, ts = head.rpartition(" ")
+    pc = _prefix(prefix)
+    try:
+        if pc is None:
+            raise ValueError(line)
+        return _build(kind, _ts_us(ts), pc[0], pc[1], args)
+    except (IndexError, ValueError):
+        try:
+            slow = _parse_slow(line)
+        except (IndexError, ValueError):
+            slow = None
+        if slow is None:
+            raise ValueError(f"malformed kvm_{name} line: {line.rstrip()!r}") from None
+        return slow
+
+
+def iter_events(  # noqa: PLR0912, PLR0915  (the hot loop is inlined on purpose)
+    lines: Iterable[str], stats: ParseStats | None = None
+) -> Generator[Event, None, None]:
+    """Yield the :class:`Event` of every line that is one, in input order.
+
+    Lines that are not events are skipped.  Pass a :class:`ParseStats` to learn
+    how many lines were headers, unparsed or malformed.
+
+    :param lines: trace text lines (a file from :func:`open_trace`, a list, ...)
+    :param stats: counters to fill in; optional
+    """
+    st = stats if stats is not None else ParseStats()
+    # The hot loop: parse_line inlined, plus a cache of the "comm-pid [cpu] flags"
+    # prefix → (pid, cpu) (a handful of distinct threads write a trace: this halves
+    # the per-line cost).  Counters live in locals, flushed once (also on early stop).
+    events = _EVENTS
+    build = _build
+    new = _new_event
+    np_, ready_, completed_, pf_, pf_re = _NP, _READY, _COMPLETED, _PF, _PF_RE
+    cache: dict[str, tuple[int, int] | None] = {}
+    n = header = unparsed = malformed = 0
+    try:
+        for line in lines:
+            n += 1
+            head, sep, tail = line.partition(": kvm_")
+            if not sep:
+                if not line.strip() or line.lstrip().startswith("#"):
+                    header += 1
+                    continue
+                marker = _parse_marker(line)
+                if marker is None:
+                    unparsed += 1
+                    continue
+                yield marker
+                continue
+            name, sep2, args = tail.partition(": ")
+            kind = events.get(name)
+            if kind is None or not sep2:
+                unparsed += 1
+                continue
+            sp = head.rfind(" ")
+            prefix = head[:sp]
+            pc = cache.get(prefix)
+            if pc is None:
+                if len(cache) >= _PREFIX_CACHE_MAX:
+                    cache.clear()
+                pc = cache[prefix] = _prefix(prefix)
+            ev: Event | None
+            try:
+                if pc is None:
+                    raise ValueError(line)
+                ts = head[sp + 1 :]
+                t = int(ts.replace(".", "")) if ts[-7:-6] == "." else _ts_us(ts)
+                if kind is np_ or kind is ready_:
+                    a = args.split()
+                    if a[0] != "token" or a[2] != "gva":
+                        raise ValueError(args)
+                    ev = new(Event, (t, pc[0], pc[1], kind, int(a[1], 16), int(a[3], 16)))
+                elif kind is pf_ and args[:4] == "#PF ":
+                    k = pf_re if "[reinjected]" in args else pf_
+                    ev = new(Event, (t, pc[0], pc[1], k, NO_TOKEN, 0))
+                elif kind is completed_ and args[:4] == "gva ":
+                    gva = int(args[4 : args.index(" ", 4)], 16)
+                    ev = new(Event, (t, pc[0], pc[1], kind, NO_TOKEN, gva))
+                else:
+                    ev = build(kind, t, pc[0], pc[1], args)
+            except (IndexError, ValueError):
+                try:
+                    ev = _parse_slow(line)
+                except (IndexError, ValueError):
+                    ev = None
+                if ev is None:
+                    malformed += 1
+                    if st.first_malformed is None:
+                        st.first_malformed = line.rstrip("\n")
+                    continue
+            if ev is None:
+                unparsed += 1
+                continue
+            yield ev
+    finally:
+        st.lines += n
+        st.header += header
+        st.malformed += malformed
+        st.unparsed += unparsed + malformed
+        st.events += n - header - unparsed - malformed
+
+
+def open_trace(path: str | Path) -> TextIO:
+    """Open a trace for reading as text: plain, ``.xz`` or ``.gz`` (by suffix).
+
+    Undecodable bytes are replaced (a trace cut mid-character stays readable).
+
+    :raises AnalysisError: the file cannot be opened
+    """
+    p = Path(path)
+    try:
+        if p.suffix == ".xz":
+            return io.TextIOWrapper(lzma.open(p, "rb"), encoding="utf-8", errors="replace")
+        if p.suffix == ".gz":
+            return io.TextIOWrapper(gzip.open(p, "rb"), encoding="utf-8", errors="replace")
+        return p.open(encoding="utf-8", errors="replace")
+    except (OSError, lzma.LZMAError) as err:
+        raise AnalysisError(f"cannot open trace {p}: {err}") from err

@@ -29,7 +29,7 @@ from typing import Any
 from apflab import guestinfo, images, paths
 from apflab.errors import ApflabError, PreflightError, UsageError
 from apflab.host import kvm, tracefs
-from apflab.pressure import Pressure, PressureSpec, preflight
+from apflab.pressure import Pressure, PressureSpec, check_sizes, preflight
 from apflab.undo import RemoveTree, UndoStack
 from apflab.vm.qemu import BootSpec, Guest, GuestConfig
 from apflab.workload import WorkloadResult, WorkloadSpec, run_workload
@@ -66,6 +66,7 @@ class Scenario:
             raise UsageError(f"initrd {self.initrd} does not exist")
         if self.deadline_s <= 0:
             raise UsageError("the workload deadline must be > 0 seconds")
+        check_sizes(self.pressure, self.workload.total_mb, self.guest_memory_mb)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

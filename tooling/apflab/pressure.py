@@ -58,9 +58,16 @@ class PressureSpec:
 
 def preflight(spec: PressureSpec, working_set_mb: int, guest_memory_mb: int) -> cgroup.CgroupInfo:
     """Check everything that can be checked without changing the host."""
+    check_sizes(spec, working_set_mb, guest_memory_mb)
     if os.geteuid() != 0:
         raise PreflightError("memory pressure needs root (cgroups, swapon): run as root")
-    info = cgroup.detect()
+    if spec.swap_device is not None and not Path(spec.swap_device).exists():
+        raise PreflightError(f"swap device {spec.swap_device} does not exist")
+    return cgroup.detect()
+
+
+def check_sizes(spec: PressureSpec, working_set_mb: int, guest_memory_mb: int) -> None:
+    """The sizes must make sense together (pure: usable before a lab boots)."""
     if spec.limit_mb < MIN_LIMIT_MB:
         raise UsageError(
             f"memory limit {spec.limit_mb} MiB is below QEMU's own baseline "
@@ -82,9 +89,6 @@ def preflight(spec: PressureSpec, working_set_mb: int, guest_memory_mb: int) -> 
         raise UsageError(
             f"swap {spec.swap_mb} MiB is too small for ~{swap_need} MiB swapped out: raise --swap"
         )
-    if spec.swap_device is not None and not Path(spec.swap_device).exists():
-        raise PreflightError(f"swap device {spec.swap_device} does not exist")
-    return info
 
 
 @dataclass

@@ -11,6 +11,7 @@ verdict: trace → analysis → evidence → verdict.json + report.html.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -94,6 +95,7 @@ def run(
     lab_config: LabConfig | None = None,
 ) -> dict[str, Any]:
     """Run one experiment wherever real KVM is; return the verdict document."""
+    scenario.validate()  # bad input fails here, in seconds, before any host change
     run_id = run_id or paths.new_run_id()
     results_root.mkdir(parents=True, exist_ok=True)
     out = results_root / run_id
@@ -185,6 +187,15 @@ def judge(rec: RunRecord, emit: Emit) -> dict[str, Any]:
             )
     evidence = evidence_from_record(rec)
     result = verdict.judge(analysis, evidence, thresholds)
+    if analysis is None and not rec.errors and rec.guest.get("accel") == "tcg":
+        # A pressure-only run (no KVM): the machinery worked, but there is no
+        # async PF to judge. That is never a PASS, and not an infrastructure fault.
+        result = dataclasses.replace(
+            result,
+            verdict=verdict.INVALID,
+            reason="pressure-only run under TCG: without KVM there are no async page faults "
+            "to judge",
+        )
     doc = verdict.verdict_document(
         result,
         analysis,

@@ -1,0 +1,59 @@
+"""Bad input gets a one-line error naming the thing and the fix, exit 4, within
+seconds, and nothing on the host changes."""
+
+import time
+from pathlib import Path
+
+import pytest
+
+from apflab import leftovers
+from apflab.cli import EXIT_USAGE, main
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    before = leftovers.find()
+    t0 = time.monotonic()
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse
+        code = int(exc.code or 0)
+    took = time.monotonic() - t0
+    err = capsys.readouterr().err
+    assert took < 10, f"{argv} took {took:.1f}s to fail"
+    assert leftovers.find() == before, "bad input changed the host"
+    return code, err
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["run", "--kernel", "/nonexistent/bzImage"], "/nonexistent/bzImage does not exist"),
+        (["run", "--pattern", "zigzag"], "invalid choice: 'zigzag'"),
+        (["run", "--limit", "0"], "'0' must be > 0"),
+        (["run", "--limit", "50"], "below QEMU's own baseline"),
+        (
+            ["run", "--limit", "512", "--working-set", "100", "--procs", "3"],
+            "raise the working set",
+        ),
+        (["run", "--working-set", "900", "--procs", "2"], "does not fit in the guest"),
+        (["run", "--swap", "64"], "raise --swap"),
+        (["run", "--deadline", "0"], "deadline must be > 0"),
+        (["analyze", "/nonexistent.trace"], "does not exist"),
+        (["boot", "--image", "no-such-image"], "no image recipe 'no-such-image'"),
+        (["lab", "run", "--", "true"], "no lab is up"),
+    ],
+)
+def test_bad_input(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = run_cli(argv, capsys)
+    assert code == EXIT_USAGE, err
+    lines = [line for line in err.splitlines() if line.startswith("apflab")]
+    assert len(lines) == 1, err
+    assert needle in lines[0]
+
+
+def test_analyze_prints_the_contract_parts(capsys: pytest.CaptureFixture[str]) -> None:
+    trace = Path(__file__).parent / "fixtures" / "traces" / "stock-1-quirk.trace"
+    assert main(["analyze", "--json", str(trace)]) == 0
+    out = capsys.readouterr().out
+    for key in ('"events"', '"latency_us"', '"invariants"', '"not_present_to_ready"'):
+        assert key in out

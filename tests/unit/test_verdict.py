@@ -34,6 +34,7 @@ INVARIANTS = {
     "interrupt_ready_acked_before_next",
     "hyp_interrupts_match_acks",
     "no_hung_tasks",
+    "guest_kernel_healthy",
 }
 # the lab notes' hung-task line of the no-ACK runs (section 5b)
 HUNG = "INFO: task memtouch:61 blocked for more than 120 seconds."
@@ -196,6 +197,16 @@ def test_hyp_without_any_ack_fails_even_within_tolerance() -> None:
 def test_hung_task_fails() -> None:
     v = verdict.judge(stock1(), good_evidence(hung_tasks=(HUNG,)), TH)
     assert v.verdict == "FAIL" and "no_hung_tasks" in v.reason and "memtouch" in v.reason
+
+
+def test_guest_reset_during_the_run_fails() -> None:
+    # the runstate the experiment records when a guest triple-faults under -action
+    # reboot=shutdown,shutdown=pause (seen with the no-ACK kernel: capture tiny-noack-2)
+    fault = "guest stopped running: runstate shutdown"
+    v = verdict.judge(stock1(), good_evidence(guest_faults=(fault,)), TH)
+    assert v.verdict == "FAIL"
+    assert "guest_kernel_healthy" in v.reason and "runstate shutdown" in v.reason
+    assert verdict.judge(stock1(), good_evidence(), TH).invariants["guest_kernel_healthy"].ok
 
 
 # --- documents ---------------------------------------------------------------------------------

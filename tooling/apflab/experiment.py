@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from apflab import guestinfo, images, paths
-from apflab.errors import ApflabError, PreflightError, UsageError
+from apflab.errors import ApflabError, PreflightError, UsageError, VMError
 from apflab.host import kvm, tracefs
 from apflab.pressure import Pressure, PressureSpec, check_sizes, preflight
 from apflab.undo import RemoveTree, UndoStack
-from apflab.vm.qemu import BootSpec, Guest, GuestConfig
+from apflab.vm.qemu import BootSpec, Guest, GuestConfig, console_faults
 from apflab.workload import WorkloadResult, WorkloadSpec, run_workload
 
 log = logging.getLogger(__name__)
@@ -286,6 +286,10 @@ class _Experiment:
             rec.guest["qmp_kvm_asyncpf_int"] = vm.qmp.cmd(
                 "qom-get", path="/machine/unattached/device[0]", property="kvm-asyncpf-int"
             )
+        # report hung tasks after 30 s instead of 120 s: a stalled guest shows it sooner
+        rec.guest["hung_task_timeout_set"] = vm.run(
+            ["sysctl", "-q", "-w", "kernel.hung_task_timeout_secs=30"], check=False
+        ).ok
         rec.guest["hyp_before"] = guestinfo.hyp_interrupts(
             vm, rec.results / "guest" / "interrupts.before"
         )
@@ -344,7 +348,16 @@ def _guest_vmstat(vm: Guest) -> dict[str, int]:
 
 def _guest_after(vm: Guest, rec: RunRecord) -> None:
     """Guest-side evidence after the workload; a stalled guest may not answer."""
+    state = vm.runstate()
+    rec.guest["runstate_after"] = state
+    if state != "running":
+        # e.g. a triple fault (reset) during the workload: keep a post-mortem
+        vm.dump_registers(rec.results / "logs" / "guest-registers.txt")
+        rec.guest["after_error"] = f"the guest stopped running during the workload ({state})"
+        log.warning("%s", rec.guest["after_error"])
     try:
+        if state != "running":
+            raise VMError(rec.guest["after_error"])
         rec.guest["hyp_after"] = guestinfo.hyp_interrupts(
             vm, rec.results / "guest" / "interrupts.after"
         )
@@ -355,6 +368,9 @@ def _guest_after(vm: Guest, rec: RunRecord) -> None:
     except ApflabError as err:
         rec.guest["after_error"] = f"guest did not answer after the workload: {err}"
         log.warning("%s", rec.guest["after_error"])
+    rec.guest["console_faults"] = console_faults(vm.console_log)
+    if state != "running":
+        rec.guest["console_faults"].append(f"guest stopped running: runstate {state}")
     # the console log sees hung-task reports even when SSH no longer works
     console = vm.console_log.read_text(errors="replace") if vm.console_log.exists() else ""
     from_console = guestinfo.parse_hung_tasks(console)

@@ -236,4 +236,5 @@ def evidence_from_record(rec: RunRecord) -> verdict.Evidence:
         deadline_passed=bool(wl and wl.deadline_passed),
         deadline_s=rec.scenario.deadline_s,
         errors=list(rec.errors),
+        guest_faults=list(g.get("console_faults", [])),
     )

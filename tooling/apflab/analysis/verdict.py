@@ -47,6 +47,7 @@ PASS, FAIL, INVALID, ERROR = "PASS", "FAIL", "INVALID", "ERROR"
 #: Invariant names computed here from outside evidence (the rest come from the trace).
 HYP_INVARIANT = "hyp_interrupts_match_acks"
 HUNG_INVARIANT = "no_hung_tasks"
+GUEST_INVARIANT = "guest_kernel_healthy"
 _KERNEL_KEYS = ("release", "path", "sha256", "cmdline")
 _MAX_LISTED = 64
 
@@ -144,6 +145,8 @@ class Evidence:
     :ivar deadline_s: that deadline
     :ivar workload_seconds: how long the workload ran
     :ivar errors: infrastructure faults (each one line): the verdict is ERROR
+    :ivar guest_faults: the guest kernel's fatal console lines after boot
+        (panic, BUG, GP fault) and "stopped running" (a reset / triple fault)
     """
 
     lost_events: int | None = None
@@ -159,6 +162,7 @@ class Evidence:
     deadline_s: float | None = None
     workload_seconds: float | None = None
     errors: Sequence[str] = ()
+    guest_faults: Sequence[str] = ()
 
     @property
     def hyp_delta(self) -> int | None:
@@ -221,6 +225,13 @@ def _evidence_invariants(
     if ev.hung_tasks:
         detail += f": {ev.hung_tasks[0].strip()}"
     out[HUNG_INVARIANT] = Invariant(n == 0, detail)
+    faults = list(ev.guest_faults)
+    out[GUEST_INVARIANT] = Invariant(
+        not faults,
+        "no panic, BUG or reset during the run"
+        if not faults
+        else f"{len(faults)} fault(s): {faults[0]}",
+    )
     return out, missing
 
 

@@ -159,6 +159,20 @@ class ConsoleWatch:
         return lines
 
 
+def console_faults(path: Path) -> list[str]:
+    """Fatal kernel lines (panic, BUG, GP fault) in a console log, one each."""
+    try:
+        text = path.read_text(errors="replace").replace("\r", "")
+    except OSError:
+        return []
+    return [
+        m.group(0).strip()
+        for line in text.splitlines()
+        for pat in PANIC_PATTERNS
+        if (m := pat.search(line))
+    ]
+
+
 def tail(path: Path, lines: int = 20) -> str:
     try:
         data = path.read_bytes()[-16384:].decode(errors="replace").replace("\r", "")
@@ -249,9 +263,24 @@ class Guest:
             raise VMError(f"{self.name}: unexpected query-cpus-fast reply: {cpus!r}")
         return {int(c["cpu-index"]): int(c["thread-id"]) for c in cpus}
 
+    def runstate(self) -> str:
+        """QMP ``query-status`` status: running, paused, shutdown, guest-panicked..."""
+        status = self.qmp.cmd("query-status")
+        return str(status["status"]) if isinstance(status, dict) else "unknown"
+
+    def dump_registers(self, path: Path) -> None:
+        """Save every vCPU's registers (HMP ``info registers -a``) for a post-mortem."""
+        text = self.qmp.cmd("human-monitor-command", **{"command-line": "info registers -a"})
+        path.write_text(str(text))
+
     def check_alive(self) -> None:
-        """Raise if QEMU died or the console shows a panic."""
-        self._watch.poll()
+        """Raise if QEMU died, or, until the guest is up, if the console shows a panic.
+
+        After boot a guest kernel's panic or BUG is a finding about the kernel
+        under test, not an infrastructure fault: see :func:`console_faults`.
+        """
+        if self.boot_seconds is None:
+            self._watch.poll()
         if self._proc is not None and self._proc.poll() is not None:
             self.exitcode = self._proc.returncode
             raise VMLaunchError(
@@ -462,7 +491,11 @@ class Guest:
             "virtio-net-pci,netdev=net0,romfile=",
             "-fw_cfg",
             f"name={FW_CFG_KEYS},file={self.run_dir / 'authorized_keys'}",
-            "-no-reboot",
+            # A guest reset (a triple fault included) or poweroff leaves the VM
+            # paused in runstate "shutdown" instead of QEMU exiting: the state
+            # stays inspectable over QMP, and shutdown() still ends with `quit`.
+            "-action",
+            "reboot=shutdown,shutdown=pause,panic=pause",
             "-S",  # vCPUs start on QMP `cont`, after the before_start hook
         ]
         if cfg.boot.initrd is not None:
@@ -550,9 +583,13 @@ class Guest:
         method = self.config.shutdown_method
         try:
             if method == "powerdown":
+                # ACPI poweroff; the guest's poweroff pauses the VM (see -action),
+                # then `quit` ends QEMU.
                 self.qmp.cmd("system_powerdown")
-            else:
-                self.qmp.cmd("quit")
+                deadline = time.monotonic() + self.config.shutdown_timeout
+                while time.monotonic() < deadline and self.runstate() != "shutdown":
+                    time.sleep(0.5)
+            self.qmp.cmd("quit")
         except Exception as err:  # QMP gone or broken: fall through to SIGKILL
             log.warning("%s: QMP %s failed (%s); will kill", self.name, method, err)
 

@@ -40,8 +40,8 @@ class WorkloadSpec:
 
     mb: int = 100
     procs: int = 3
-    rounds: int = 4
-    pattern: str = "random"
+    rounds: int = 2
+    pattern: str = "bursty"
     pause_ms: int = 500
     seed: int = 1
 

@@ -369,8 +369,7 @@ def _guest_after(vm: Guest, rec: RunRecord) -> None:
         rec.guest["after_error"] = f"guest did not answer after the workload: {err}"
         log.warning("%s", rec.guest["after_error"])
     rec.guest["console_faults"] = console_faults(vm.console_log)
-    if state != "running":
-        rec.guest["console_faults"].append(f"guest stopped running: runstate {state}")
+    rec.guest["reset"] = state != "running"
     # the console log sees hung-task reports even when SSH no longer works
     console = vm.console_log.read_text(errors="replace") if vm.console_log.exists() else ""
     from_console = guestinfo.parse_hung_tasks(console)

@@ -237,4 +237,6 @@ def evidence_from_record(rec: RunRecord) -> verdict.Evidence:
         deadline_s=rec.scenario.deadline_s,
         errors=list(rec.errors),
         guest_faults=list(g.get("console_faults", [])),
+        guest_reset=bool(g.get("reset", False)),
+        in_lab=bool(rec.host.get("in_lab", False)),
     )

@@ -21,7 +21,7 @@ help:
 
 deps: $(STAMP)
 $(STAMP): requirements.lock requirements-dev.lock setup.cfg
-	missing=()
+	@missing=()
 	command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
 	command -v qemu-img >/dev/null || missing+=(qemu-utils)
 	command -v mmdebstrap >/dev/null || missing+=(mmdebstrap)
@@ -35,6 +35,7 @@ $(STAMP): requirements.lock requirements-dev.lock setup.cfg
 	  apt-get update -q >/dev/null
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$${missing[@]}" >/dev/null
 	fi
+	echo "deps: Python venv $(VENV) from requirements.lock + requirements-dev.lock"
 	[ -x $(VPY) ] || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --disable-pip-version-check -r requirements.lock -r requirements-dev.lock
 	$(VPY) -m pip install -q --disable-pip-version-check --no-deps -e .

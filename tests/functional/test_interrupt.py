@@ -25,53 +25,57 @@ from apflab.undo import pid_alive
 class RunControl(Test):
     """Helpers: start an apflab command, wait for its output, interrupt, check."""
 
-    def start(self, *args: str) -> subprocess.Popen[str]:
+    def start(self, *args: str) -> subprocess.Popen[bytes]:
         log_dir = Path(self.logdir) / "run"
         argv = [sys.executable, "-m", "apflab", *args]
-        if args[0] == "boot":
-            argv += ["--log-dir", str(log_dir)]
-        else:
-            argv += ["--results", str(log_dir)]
+        argv += ["--log-dir" if args[0] == "boot" else "--results", str(log_dir)]
         self.log.info("starting %s", argv)
-        return subprocess.Popen(
-            argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
         )
-
-    def wait_for(self, proc: subprocess.Popen[str], pattern: str, timeout: float) -> re.Match[str]:
-        """Read the command's output until ``pattern`` appears."""
         assert proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        seen = []
         os.set_blocking(proc.stdout.fileno(), False)
-        buf = ""
-        while time.monotonic() < deadline:
-            chunk = proc.stdout.read()
-            if chunk:
-                buf += chunk
-                seen.append(chunk)
-                m = re.search(pattern, buf)
-                if m:
-                    return m
-            elif proc.poll() is not None:
-                break
-            time.sleep(0.2)
-        self.fail(f"never saw {pattern!r} within {timeout}s; output:\n{''.join(seen)[-3000:]}")
+        self.output = ""
+        return proc
 
-    def finish(self, proc: subprocess.Popen[str], timeout: float = 120) -> tuple[int, str]:
+    def pump(self, proc: subprocess.Popen[bytes]) -> bool:
+        """Append what the command printed so far to self.output; False at EOF."""
         assert proc.stdout is not None
         try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
+            chunk = os.read(proc.stdout.fileno(), 65536)
+        except BlockingIOError:
+            return True
+        self.output += chunk.decode(errors="replace")
+        return bool(chunk)
+
+    def wait_for(
+        self, proc: subprocess.Popen[bytes], pattern: str, timeout: float
+    ) -> re.Match[str]:
+        """Read the command's output until ``pattern`` appears."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            alive = self.pump(proc)
+            m = re.search(pattern, self.output)
+            if m:
+                return m
+            if not alive and proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        self.fail(f"never saw {pattern!r} within {timeout}s; output:\n{self.output[-3000:]}")
+
+    def finish(self, proc: subprocess.Popen[bytes], timeout: float = 120) -> int:
+        """Wait for the command to exit after a signal; return its exit code."""
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            self.pump(proc)
+            time.sleep(0.2)
+        if proc.poll() is None:
             proc.kill()
             self.fail(f"apflab did not exit within {timeout}s of the signal")
-        os.set_blocking(proc.stdout.fileno(), True)
-        rest = proc.stdout.read()
-        self.log.info("exit %s; tail:\n%s", proc.returncode, rest[-2000:])
-        return proc.returncode, rest
+        while self.pump(proc):
+            pass
+        self.log.info("exit %s; output tail:\n%s", proc.returncode, self.output[-2000:])
+        return proc.returncode
 
     def assert_clean(self, run_id: str, qemu_pid: int) -> None:
         self.assertFalse(pid_alive(qemu_pid, None), f"QEMU {qemu_pid} survived")
@@ -96,7 +100,7 @@ class Interrupt(RunControl):
         qemu_pid = int(self.wait_for(proc, r"QEMU pid (\d+) up", 120).group(1))
         time.sleep(3)  # mid-boot: the guest kernel is running
         os.kill(proc.pid, sig)
-        code, _ = self.finish(proc)
+        code = self.finish(proc)
         return code, run_id, qemu_pid
 
     def test_sigint_mid_boot(self) -> None:
@@ -161,7 +165,7 @@ class InterruptPressure(RunControl):
         qemu_pid = self.qemu_of(run_id)
         self.assertNotEqual(leftovers.find(run_id), [], "the run's cgroup/swap should exist now")
         os.kill(proc.pid, signal.SIGINT)
-        code, _ = self.finish(proc, timeout=300)
+        code = self.finish(proc, timeout=300)
         self.assertEqual(code, 130)
         self.assert_clean(run_id, qemu_pid)
 

@@ -150,7 +150,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             }
     with parse.open_trace(args.trace) as f:
         analysis = lifecycle.analyze(parse.iter_events(f), vcpu_of_pid=vcpu_of_pid)
-    doc = verdict.analysis_document(analysis)
+    lost = None
+    run_json = args.trace.parent / "run.json"
+    if run_json.exists():  # a results dir: the tracer's loss counters were recorded there
+        lost = json.loads(run_json.read_text()).get("trace", {}).get("lost")
+    doc = verdict.analysis_document(analysis, lost)
     if args.json:
         print(json.dumps(doc, indent=1))
     else:

@@ -221,6 +221,7 @@ class Lab:
             ),
             boot_timeout=self.config.boot_timeout,
             die_with_parent=not self.config.detached,
+            console_fatal_after_boot=True,
         )
         t2 = time.monotonic()
         self.vm = self._boot_with_retries(cfg)
@@ -295,7 +296,9 @@ class Lab:
         """Run ``argv`` in L1 with the lab environment (apflab on PATH)."""
         vm = self.require_vm()
         vm.check_alive()
-        return run_in_lab(vm.ssh, argv, check=check, timeout=timeout, on_output=on_output)
+        return run_in_lab(
+            vm.ssh, argv, check=check, timeout=timeout, on_output=on_output, watch=vm.check_alive
+        )
 
     def fetch(self, remote: str, local: Path) -> int:
         """Copy a directory tree from L1 to the host; return the file count."""
@@ -315,10 +318,13 @@ def run_in_lab(
     check: bool = True,
     timeout: float | None = 3600.0,
     on_output: Callable[[str, str], None] | None = None,
+    watch: Callable[[], None] | None = None,
 ) -> CmdResult:
     """Run ``argv`` over an SSH connection to L1, with the lab environment."""
     env = [f"{k}={v}" for k, v in L1_ENV.items()]
-    return ssh.run(["env", *env, *argv], check=check, timeout=timeout, on_output=on_output)
+    return ssh.run(
+        ["env", *env, *argv], check=check, timeout=timeout, on_output=on_output, watch=watch
+    )
 
 
 def default_swap_device() -> str | None:

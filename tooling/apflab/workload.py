@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from apflab.errors import CommandError, SSHError, UsageError
+from apflab.errors import CommandError, SSHError, UsageError, VMError
 from apflab.process import CmdResult
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def run_workload(vm: Runner, spec: WorkloadSpec, deadline_s: float) -> WorkloadR
             stderr=partial.stderr if partial else "",
             error=f"still running after the {deadline_s:.0f}s deadline",
         )
-    except SSHError as err:
+    except (SSHError, VMError) as err:  # connection lost, or the guest stopped running
         return WorkloadResult(False, False, time.monotonic() - t0, None, error=str(err))
     return WorkloadResult(
         completed=res.exit_status == 0,

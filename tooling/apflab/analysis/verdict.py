@@ -379,12 +379,13 @@ def _events_part(analysis: Analysis, lost: int | None) -> dict[str, Any]:
     }
 
 
-def analysis_document(analysis: Analysis) -> dict[str, Any]:
+def analysis_document(analysis: Analysis, lost: int | None = None) -> dict[str, Any]:
     """``{"events", "latency_us", "invariants"}`` of one analysis (``apflab analyze
-    --json``); the same numbers as in :func:`verdict_document` (``lost`` is None:
-    the trace alone does not know it)."""
+    --json``); the same numbers as in :func:`verdict_document`.  ``lost`` comes from
+    the tracer's counters (the run's run.json), None when unknown: the trace text
+    alone cannot know what it lost."""
     return {
-        "events": _events_part(analysis, None),
+        "events": _events_part(analysis, lost),
         "latency_us": {m: analysis.latency[m].summary() for m in METRICS},
         "invariants": {k: v.to_dict() for k, v in analysis.invariants.items()},
     }

@@ -106,6 +106,9 @@ class GuestConfig:
     #: QEMU dies with our process (PR_SET_PDEATHSIG); False only for a lab
     #: deliberately left running by `apflab lab up`
     die_with_parent: bool = True
+    #: a panic on the console is fatal even after boot: for infrastructure VMs
+    #: (the lab's L1); for a guest under test it is a finding about its kernel
+    console_fatal_after_boot: bool = False
 
 
 def free_tcp_port() -> int:
@@ -248,6 +251,7 @@ class Guest:
     def run(self, argv: Sequence[str], **kwargs: Any) -> CmdResult:
         """Run a command in the guest over SSH (see :meth:`SSH.run`)."""
         self.check_alive()
+        kwargs.setdefault("watch", self.check_alive)
         return self.ssh.run(argv, **kwargs)
 
     def put(self, local: Path, remote: str, mode: int | None = None) -> None:
@@ -279,8 +283,14 @@ class Guest:
         After boot a guest kernel's panic or BUG is a finding about the kernel
         under test, not an infrastructure fault: see :func:`console_faults`.
         """
-        if self.boot_seconds is None:
+        if self.boot_seconds is None or self.config.console_fatal_after_boot:
             self._watch.poll()
+        elif self._qmp is not None and self._proc is not None and self._proc.poll() is None:
+            # a guest that reset (triple fault) stays paused (-action): SSH to it
+            # would hang until its timeout; stop waiting at once instead
+            state = self.runstate()
+            if state != "running":
+                raise VMError(f"{self.name}: the guest stopped running (runstate {state})")
         if self._proc is not None and self._proc.poll() is not None:
             self.exitcode = self._proc.returncode
             raise VMLaunchError(

@@ -119,12 +119,16 @@ class SSH:
         timeout: float | None = 300.0,
         input_text: str | None = None,
         on_output: Callable[[str, str], None] | None = None,
+        watch: Callable[[], None] | None = None,
     ) -> CmdResult:
         """Run ``argv`` in the guest and wait for it.
 
         :param timeout: seconds for the whole command; on expiry the channel is
             closed and :class:`CommandError` raised
         :param on_output: called as ``(stream_name, text_chunk)`` as output arrives
+        :param watch: called about once a second while waiting; it raises to
+            abort (e.g. the VM behind this connection panicked or died: an SSH
+            channel to a dead kernel would otherwise wait forever)
         """
         command = shlex.join(argv)
         log.debug("%s$ %s", self.name, command)
@@ -137,42 +141,48 @@ class SSH:
             chan.shutdown_write()
         except (paramiko.SSHException, OSError, EOFError) as err:
             raise SSHError(f"{self.name}: cannot start `{command}`: {err}") from err
-        out: list[bytes] = []
-        err_: list[bytes] = []
+        streams: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
+
+        def result_with(status: int) -> CmdResult:
+            return CmdResult(
+                tuple(argv),
+                status,
+                b"".join(streams["stdout"]).decode(errors="replace"),
+                b"".join(streams["stderr"]).decode(errors="replace"),
+                time.monotonic() - start,
+            )
+
+        def drain() -> bool:
+            got = False
+            for name, ready, recv in (
+                ("stdout", chan.recv_ready, chan.recv),
+                ("stderr", chan.recv_stderr_ready, chan.recv_stderr),
+            ):
+                if ready():
+                    data = recv(65536)
+                    streams[name].append(data)
+                    got = True
+                    if on_output:
+                        on_output(name, data.decode(errors="replace"))
+            return got
+
         deadline = None if timeout is None else start + timeout
         chan.settimeout(0.2)
+        next_watch = time.monotonic() + 1.0
         try:
             while True:
-                got = False
-                if chan.recv_ready():
-                    data = chan.recv(65536)
-                    out.append(data)
-                    got = True
-                    if on_output:
-                        on_output("stdout", data.decode(errors="replace"))
-                if chan.recv_stderr_ready():
-                    data = chan.recv_stderr(65536)
-                    err_.append(data)
-                    got = True
-                    if on_output:
-                        on_output("stderr", data.decode(errors="replace"))
-                if (
-                    not got
-                    and chan.exit_status_ready()
-                    and not (chan.recv_ready() or chan.recv_stderr_ready())
-                ):
+                if watch is not None and time.monotonic() >= next_watch:
+                    next_watch = time.monotonic() + 1.0
+                    watch()
+                got = drain()
+                if not got and chan.exit_status_ready() and not drain():
                     break
                 if deadline is not None and time.monotonic() > deadline:
                     chan.close()
-                    result = CmdResult(
-                        tuple(argv),
-                        -1,
-                        b"".join(out).decode(errors="replace"),
-                        b"".join(err_).decode(errors="replace"),
-                        time.monotonic() - start,
-                    )
+                    timed_out = result_with(-1)
                     raise CommandError(
-                        f"{self.name}: timed out after {timeout}s: {result.describe()}", result
+                        f"{self.name}: timed out after {timeout}s: {timed_out.describe()}",
+                        timed_out,
                     )
                 if not got:
                     time.sleep(0.02)
@@ -181,13 +191,7 @@ class SSH:
             raise SSHError(f"{self.name}: connection lost during `{command}`: {exc}") from exc
         finally:
             chan.close()
-        result = CmdResult(
-            tuple(argv),
-            status,
-            b"".join(out).decode(errors="replace"),
-            b"".join(err_).decode(errors="replace"),
-            time.monotonic() - start,
-        )
+        result = result_with(status)
         return result.check() if check else result
 
     # -- files -------------------------------------------------------------

@@ -57,6 +57,7 @@ class NestedLab(Test):
             self.assertTrue(report["vcpu_threads_in_qemu"])
             self.assertTrue(report["async_pf"]["enabled"], report["async_pf"]["detail"])
             self.assertTrue(report["async_pf"]["interrupt"], report["async_pf"]["detail"])
+            self.assertIs(report["async_pf"]["qmp_kvm_asyncpf_int"], True, "QMP CPU property")
             self.whiteboard = json.dumps(
                 {"l1_boot_s": round(lab.timings["l1_boot"], 1), "l2_boot_s": report["boot_seconds"]}
             )

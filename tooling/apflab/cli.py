@@ -198,6 +198,10 @@ def cmd_boot(args: argparse.Namespace) -> int:
                 "enabled": apf.enabled,
                 "interrupt": apf.interrupt_delivery,
                 "detail": apf.describe(),
+                # QEMU's view: the CPUID bit that lets the guest enable interrupt delivery
+                "qmp_kvm_asyncpf_int": vm.qmp.cmd(
+                    "qom-get", path="/machine/unattached/device[0]", property="kvm-asyncpf-int"
+                ),
             }
         if args.hold:
             print(

@@ -109,7 +109,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     from apflab import runner  # noqa: PLC0415
 
     scenario = scenario_from_args(args)
-    doc = runner.run(scenario, args.results.resolve(), _emit, run_id=args.run_id, here=args.here)
+    from apflab.lab import LabConfig  # noqa: PLC0415
+
+    lab_config = LabConfig(memory_mb=args.lab_memory, cpus=args.lab_cpus)
+    doc = runner.run(
+        scenario,
+        args.results.resolve(),
+        _emit,
+        run_id=args.run_id,
+        here=args.here,
+        lab_config=lab_config,
+    )
     print_summary(doc, args.results.resolve())
     return VERDICT_EXIT.get(doc.get("verdict", "ERROR"), EXIT_ERROR)
 
@@ -198,6 +208,9 @@ def register(
         action="store_true",
         help="run on this host even without usable KVM detection (used inside L1)",
     )
+    lab = r.add_argument_group("lab (used only when this host needs the nested lab)")
+    lab.add_argument("--lab-memory", type=pos, default=3072, metavar="MB")
+    lab.add_argument("--lab-cpus", type=pos, default=2)
     r.set_defaults(func=cmd_run)
 
     a = sub.add_parser("analyze", help="re-analyse a saved trace (plain, .xz or .gz)")

@@ -76,7 +76,10 @@ def test_kill_process_escalates_to_sigkill(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     proc = subprocess.Popen(["sh", "-c", "trap '' TERM; exec sleep 60"])
-    time.sleep(0.3)  # let the trap be set
+    deadline = time.monotonic() + 10  # the trap is set once sh has exec'd sleep
+    while Path(f"/proc/{proc.pid}/comm").read_text().strip() != "sleep":
+        assert time.monotonic() < deadline, "sh never exec'd sleep"
+        time.sleep(0.02)
     start = u.process_start_time(proc.pid)
     t0 = time.monotonic()
     u.KillProcess(proc.pid, start, "stubborn", grace_s=0.5).undo()

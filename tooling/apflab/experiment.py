@@ -267,8 +267,8 @@ class _Experiment:
             rec.guest["threads_in_cgroup"] = len(self.pressure.attach(g.pid))
 
         vm = Guest(self.cfg, rec.results / "logs", self.undo, before_start=move_into_cgroup)
-        vm.launch()  # on any error below, the undo stack kills QEMU (after the trace stops)
-        vm.wait_ready()
+        vm.start()  # on any error below, the undo stack kills QEMU (after the trace stops)
+        rec.guest["boot_failures"] = vm.boot_failures
         rec.guest["boot_seconds"] = round(vm.boot_seconds or 0, 1)
         rec.guest["accel"] = vm.accel
         rec.kernel["release"] = vm.run(["uname", "-r"]).stdout.strip()

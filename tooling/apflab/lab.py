@@ -37,7 +37,7 @@ from types import TracebackType
 from typing import Any
 
 from apflab import images, paths
-from apflab.errors import BootTimeout, GuestPanic, LabError, VMLaunchError
+from apflab.errors import BootTimeout, GuestPanic, LabError
 from apflab.process import CmdResult, run
 from apflab.undo import RemoveTree, UndoStack
 from apflab.vm.qemu import Disk, Guest, GuestConfig
@@ -222,9 +222,10 @@ class Lab:
             boot_timeout=self.config.boot_timeout,
             die_with_parent=not self.config.detached,
             console_fatal_after_boot=True,
+            boot_attempts=1 + max(0, self.config.boot_retries),
         )
         t2 = time.monotonic()
-        self.vm = self._boot_with_retries(cfg)
+        self.vm = self._boot(cfg)
         self.timings["l1_boot"] = time.monotonic() - t2
         self._prepare_l1()
         log.info(
@@ -235,27 +236,18 @@ class Lab:
             self.facts.get("kvm", {}).get("reason", ""),
         )
 
-    def _boot_with_retries(self, cfg: GuestConfig) -> Guest:
-        attempts = 1 + max(0, self.config.boot_retries)
-        for attempt in range(1, attempts + 1):
-            prefix = "L1" if attempt == 1 else f"L1-attempt{attempt}"
-            vm = Guest(cfg, self.log_dir, self.undo, log_prefix=prefix)
-            try:
-                vm.launch()
-                vm.wait_ready()
-                return vm
-            except (GuestPanic, BootTimeout) as err:
-                vm.shutdown()
-                if attempt == attempts:
-                    raise LabError(f"L1 did not boot after {attempts} attempt(s): {err}") from err
-                log.warning("lab: L1 boot attempt %d failed (%s); retrying", attempt, err)
-            except VMLaunchError:
-                vm.shutdown()
-                raise
-            except BaseException:
-                vm.shutdown()
-                raise
-        raise AssertionError("unreachable")
+    def _boot(self, cfg: GuestConfig) -> Guest:
+        """Boot L1; a panicked or stuck boot is retried (config.boot_retries times)."""
+        vm = Guest(cfg, self.log_dir, self.undo)
+        try:
+            vm.start()
+        except (GuestPanic, BootTimeout) as err:
+            vm.shutdown()
+            raise LabError(f"L1 did not boot after {cfg.boot_attempts} attempt(s): {err}") from err
+        except BaseException:
+            vm.shutdown()
+            raise
+        return vm
 
     def _prepare_l1(self) -> None:
         vm = self.require_vm()

@@ -95,9 +95,19 @@ def process_start_time(pid: int) -> int | None:
 
 
 def pid_alive(pid: int, start_time: int | None) -> bool:
-    """True if ``pid`` still names the same process (guards against pid reuse)."""
-    current = process_start_time(pid)
-    return current is not None and (start_time is None or current == start_time)
+    """True if ``pid`` still names the same, living process.
+
+    Guards against pid reuse (``start_time``); a zombie (dead, not yet reaped
+    by its parent) does not count as alive.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] == "Z":
+        return False
+    return start_time is None or int(fields[19]) == start_time
 
 
 @dataclass

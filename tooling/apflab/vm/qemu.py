@@ -100,6 +100,12 @@ class GuestConfig:
     extra_args: tuple[str, ...] = ()
     ssh_user: str = "root"
     boot_timeout: float = 300.0
+    #: a booting guest whose console stays silent this long is stuck (seen in
+    #: the nested lab: an L2 kernel stopping after its ACPI lines)
+    console_silence_timeout: float = 120.0
+    #: boots tried before giving up (a stuck or panicked boot is retried; every
+    #: attempt's console is kept as <name>-console.attemptN.log)
+    boot_attempts: int = 2
     shutdown_timeout: float = 30.0
     shutdown_method: str = "quit"  # or "powerdown" (ACPI) — both fall back to SIGKILL
     qemu_binary: str = "qemu-system-x86_64"
@@ -136,6 +142,8 @@ class ConsoleWatch:
         self.layer = layer
         self._offset = 0
         self._partial = ""
+        self.last_growth = time.monotonic()
+        self.last_line = ""
 
     def poll(self) -> list[str]:
         """Return complete new lines; raise :class:`GuestPanic` on a fatal one."""
@@ -146,9 +154,15 @@ class ConsoleWatch:
         except FileNotFoundError:
             return []
         self._offset += len(data)
+        if data:
+            self.last_growth = time.monotonic()
         text = self._partial + data.decode(errors="replace").replace("\r", "")
         lines = text.split("\n")
         self._partial = lines.pop()
+        for line in reversed(lines):
+            if line.strip():
+                self.last_line = line.strip()
+                break
         for line in lines:
             for pat in PANIC_PATTERNS:
                 m = pat.search(line)
@@ -224,6 +238,7 @@ class Guest:
         self.client_key_path: Path | None = None
         self.launched_at = 0.0
         self.boot_seconds: float | None = None
+        self.boot_failures: list[str] = []
         self.exitcode: int | None = None
 
     # -- public surface ----------------------------------------------------
@@ -303,12 +318,37 @@ class Guest:
     # -- lifecycle ---------------------------------------------------------
     def __enter__(self) -> Guest:
         try:
-            self.launch()
-            self.wait_ready()
+            self.start()
         except BaseException:
             self.shutdown()
             raise
         return self
+
+    def start(self) -> None:
+        """Launch and wait until ready, retrying a boot that got stuck or panicked.
+
+        Up to ``config.boot_attempts`` boots; each failed attempt is logged,
+        kept in :attr:`boot_failures`, and its console log kept apart.
+        """
+        attempts = max(1, self.config.boot_attempts)
+        for attempt in range(1, attempts + 1):
+            self.launch()
+            try:
+                self.wait_ready()
+                return
+            except (BootTimeout, GuestPanic) as err:
+                if attempt == attempts:
+                    raise
+                summary = str(err).splitlines()[0]
+                self.boot_failures.append(summary)
+                log.warning(
+                    "%s: boot attempt %d failed (%s); retrying", self.name, attempt, summary
+                )
+                self.shutdown()
+                kept = self.console_log.with_name(
+                    self.console_log.name.replace(".log", f".attempt{attempt}.log")
+                )
+                self.console_log.replace(kept)
 
     def __exit__(
         self,
@@ -358,6 +398,12 @@ class Guest:
                 raise BootTimeout(
                     f"{self.name}: no SSH login within {budget:.0f}s of launch "
                     f"(last error: {last_err}); console tail:\n{tail(self.console_log)}"
+                )
+            silent = now - max(self._watch.last_growth, self.launched_at)
+            if silent > self.config.console_silence_timeout:
+                raise BootTimeout(
+                    f"{self.name}: boot stuck: console silent for {silent:.0f}s after "
+                    f"{self._watch.last_line[:160]!r} (see {self.console_log})"
                 )
             if banner_ready("127.0.0.1", self.ssh_port, timeout=2.0):
                 ssh = SSH(
@@ -518,6 +564,7 @@ class Guest:
     def _spawn(self) -> None:
         log.debug("%s: launching %s", self.name, shlex.join(self.argv))
         self.console_log.write_bytes(b"")
+        self._watch = ConsoleWatch(self.console_log, self.name)
         # setpriv --pdeathsig: if our process dies without unwinding (SIGKILL),
         # the kernel kills QEMU too; the run-state record covers the rest.
         argv = list(self.argv)

@@ -106,6 +106,11 @@ class GuestConfig:
     #: boots tried before giving up (a stuck or panicked boot is retried; every
     #: attempt's console is kept as <name>-console.attemptN.log)
     boot_attempts: int = 2
+    #: pin vCPU thread i to host CPU i (mod the CPU count). None: only inside
+    #: the nested lab, where every L1 panic seen ("TASK stack guard page was hit
+    #: ... CPU: 0 ... Comm: CPU 1/KVM") had a vCPU thread running on another
+    #: vCPU's CPU (docs/calibration.md)
+    pin_vcpus: bool | None = None
     shutdown_timeout: float = 30.0
     shutdown_method: str = "quit"  # or "powerdown" (ACPI) — both fall back to SIGKILL
     qemu_binary: str = "qemu-system-x86_64"
@@ -618,6 +623,11 @@ class Guest:
                         tail(self.qemu_log, 10),
                     ) from err
         self._qmp.settimeout(30)
+        pin = self.config.pin_vcpus
+        if pin is None:
+            pin = os.environ.get("APFLAB_IN_LAB") == "1"
+        if pin:
+            self._pin_vcpus()
         if self._before_start is not None:
             self._before_start(self)
         self._qmp.cmd("cont")
@@ -629,6 +639,13 @@ class Guest:
             status,
             self.ssh_port,
         )
+
+    def _pin_vcpus(self) -> None:
+        cpus = sorted(os.sched_getaffinity(0))
+        for index, tid in self.vcpu_threads().items():
+            cpu = cpus[index % len(cpus)]
+            os.sched_setaffinity(tid, {cpu})
+            log.info("%s: vCPU %d (thread %d) pinned to CPU %d", self.name, index, tid, cpu)
 
     def _reset_qmp(self) -> None:
         if self._qmp is not None:

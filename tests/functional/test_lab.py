@@ -5,6 +5,8 @@ Runs on the host (it brings the lab up itself); inside the lab it cancels.
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from avocado import Test
@@ -62,3 +64,56 @@ class NestedLab(Test):
                 {"l1_boot_s": round(lab.timings["l1_boot"], 1), "l2_boot_s": report["boot_seconds"]}
             )
         self.assertEqual(leftovers.find(undo.run_id), [])
+
+    def test_lab_cli_up_run_down(self) -> None:
+        """`apflab lab up` leaves L1 running across commands; `lab run` streams a
+        command in it and brings its results back; `lab down` leaves nothing."""
+        results = Path(self.workdir) / "results"
+
+        def apflab(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+            proc = subprocess.run(
+                [sys.executable, "-m", "apflab", *args],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
+            self.log.info(
+                "apflab %s -> %d\n%s\n%s", args, proc.returncode, proc.stdout, proc.stderr[-3000:]
+            )
+            return proc
+
+        up = apflab("lab", "up", "--log-dir", str(Path(self.logdir) / "L1"))
+        try:
+            self.assertEqual(up.returncode, 0, up.stderr)
+            self.assertIn("KVM_CAP_ASYNC_PF_INT=1", up.stdout)
+            self.assertEqual(apflab("lab", "status").returncode, 0)
+            self.assertTrue(leftovers.qemu_processes(), "L1 should outlive `lab up`")
+
+            doctor = apflab(
+                "lab", "run", "--results", str(results), "--", "apflab", "doctor", "--json"
+            )
+            self.assertEqual(doctor.returncode, 0, doctor.stderr)
+            facts = json.loads(doctor.stdout)
+            self.assertTrue(facts["in_lab"])
+            self.assertEqual(facts["kvm"]["module"], "kvm_amd")
+
+            made = apflab(
+                "lab",
+                "run",
+                "--results",
+                str(results),
+                "--",
+                "sh",
+                "-c",
+                "mkdir -p /root/results/cli-test && echo hello > /root/results/cli-test/out.txt",
+            )
+            self.assertEqual(made.returncode, 0, made.stderr)
+            self.assertEqual((results / "cli-test" / "out.txt").read_text(), "hello\n")
+
+            failed = apflab("lab", "run", "--results", str(results), "--", "false")
+            self.assertEqual(failed.returncode, 1, "lab run must pass the exit status through")
+        finally:
+            down = apflab("lab", "down")
+        self.assertEqual(down.returncode, 0, down.stderr)
+        self.assertEqual(leftovers.find(), [], "lab down left something behind")

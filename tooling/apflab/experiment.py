@@ -351,8 +351,8 @@ def _guest_after(vm: Guest, rec: RunRecord) -> None:
     state = vm.runstate()
     rec.guest["runstate_after"] = state
     if state != "running":
-        # e.g. a triple fault (reset) during the workload: keep a post-mortem
-        vm.dump_registers(rec.results / "logs" / "guest-registers.txt")
+        # e.g. a triple fault (reset) during the workload: the CPU state before
+        # the reset is in logs/guest-cpu-reset.log (QEMU -d cpu_reset)
         rec.guest["after_error"] = f"the guest stopped running during the workload ({state})"
         log.warning("%s", rec.guest["after_error"])
     try:

@@ -231,6 +231,7 @@ class Guest:
         self.accel, self.accel_reason = choose_accel(config.accel)
         self.run_dir: Path | None = None
         prefix = log_prefix or config.name
+        self._log_prefix = prefix
         self.console_log = log_dir / f"{prefix}-console.log"
         self.qemu_log = log_dir / f"{prefix}-qemu.log"
         self.argv: list[str] = []
@@ -291,11 +292,6 @@ class Guest:
         """QMP ``query-status`` status: running, paused, shutdown, guest-panicked..."""
         status = self.qmp.cmd("query-status")
         return str(status["status"]) if isinstance(status, dict) else "unknown"
-
-    def dump_registers(self, path: Path) -> None:
-        """Save every vCPU's registers (HMP ``info registers -a``) for a post-mortem."""
-        text = self.qmp.cmd("human-monitor-command", **{"command-line": "info registers -a"})
-        path.write_text(str(text))
 
     def check_alive(self) -> None:
         """Raise if QEMU died, or, until the guest is up, if the console shows a panic.
@@ -557,6 +553,12 @@ class Guest:
             # stays inspectable over QMP, and shutdown() still ends with `quit`.
             "-action",
             "reboot=shutdown,shutdown=pause,panic=pause",
+            # the CPU state at every reset, before it is reset: a triple fault's
+            # post-mortem (registers read after the pause are already reset)
+            "-d",
+            "cpu_reset",
+            "-D",
+            str(self.log_dir / f"{self._log_prefix}-cpu-reset.log"),
             "-S",  # vCPUs start on QMP `cont`, after the before_start hook
         ]
         if cfg.boot.initrd is not None:

@@ -102,6 +102,8 @@ class LabConfig:
     #: module options for L1's kvm module (reloaded at lab start when set),
     #: e.g. ("mmio_caching=0",)
     kvm_options: tuple[str, ...] = ()
+    #: QEMU TCG threading for L1: "multi" (one host thread per vCPU) or "single"
+    tcg_thread: str = "multi"
 
     @property
     def cpu_model(self) -> str:
@@ -215,7 +217,9 @@ class Lab:
             name="L1",
             memory_mb=self.config.memory_mb,
             cpus=self.config.cpus,
-            accel=self.config.accel,
+            accel=self.config.accel
+            if self.config.accel != "tcg"
+            else f"tcg,thread={self.config.tcg_thread}",
             cpu=self.config.cpu_model,
             disks=(
                 Disk(assets, readonly=True, serial=SERIALS["assets"]),

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from apflab import paths
 from apflab.experiment import Scenario
 from apflab.pressure import PressureSpec
 from apflab.workload import WorkloadSpec
@@ -24,7 +25,7 @@ def from_params(params: Any, **overrides: Any) -> Scenario:
     kernel = params.get("kernel", default=None)
     initrd = params.get("initrd", default=None)
     swap_device = params.get("swap_device", default=None)
-    if swap_device is None and os.environ.get("APFLAB_IN_LAB") == "1":
+    if swap_device is None and paths.in_lab():
         swap_device = os.environ.get("APFLAB_LAB_SWAP_DEVICE")
     fields: dict[str, Any] = dict(
         kernel=Path(kernel) if kernel else None,
@@ -32,7 +33,7 @@ def from_params(params: Any, **overrides: Any) -> Scenario:
         cmdline=get("cmdline", d.cmdline),
         image=get("image", d.image),
         guest_memory_mb=get("guest_memory", d.guest_memory_mb),
-        guest_cpus=get("guest_cpus", d.guest_cpus),
+        guest_cpus=int(params.get("guest_cpus", default=paths.default_guest_cpus())),
         accel=params.get("accel", default=None),
         pressure=PressureSpec(
             limit_mb=get("limit", d.pressure.limit_mb),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from avocado import Test
 
-from apflab import images, leftovers
+from apflab import images, leftovers, paths
 from apflab.errors import VMLaunchError
 from apflab.undo import UndoStack
 from apflab.vm.qemu import BootSpec, Guest, GuestConfig
@@ -29,7 +29,7 @@ class Boot(Test):
             root=img.disk,
             host_key=img.host_key,
             memory_mb=int(self.params.get("guest_memory", default=1024)),
-            cpus=int(self.params.get("guest_cpus", default=2)),
+            cpus=int(self.params.get("guest_cpus", default=paths.default_guest_cpus())),
         )
         fields.update(overrides)
         return GuestConfig(**fields)  # type: ignore[arg-type]

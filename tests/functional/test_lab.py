@@ -4,14 +4,13 @@ Runs on the host (it brings the lab up itself); inside the lab it cancels.
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 from avocado import Test
 
-from apflab import leftovers
+from apflab import leftovers, paths
 from apflab.host import kvm
 from apflab.lab import Lab, LabConfig
 from apflab.undo import UndoStack
@@ -25,7 +24,7 @@ class NestedLab(Test):
     timeout = 900
 
     def setUp(self) -> None:
-        if os.environ.get("APFLAB_IN_LAB") == "1":
+        if paths.in_lab():
             self.cancel("already inside the lab: no lab within the lab")
         info = kvm.probe()
         accel = self.params.get("lab_accel", default=None) or ("tcg" if not info.usable else None)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -191,9 +190,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"check-functional: results in {root}; {info.reason}", flush=True)
     if args.only in (None, "host"):
         phases["host"] = run_host_phase(root / "host", args.tags)
-    if args.only == "lab" or (
-        args.only is None and not info.usable and os.environ.get("APFLAB_IN_LAB") != "1"
-    ):
+    if args.only == "lab" or (args.only is None and not info.usable and not paths.in_lab()):
         phases["lab"] = run_lab_phase(root / "lab", args.tags, notes)
     ok, lines = merge(phases)
     lines += [f"note: {n}" for n in notes]

@@ -76,6 +76,7 @@ def host_facts() -> dict[str, Any]:
     """What this host offers, and which execution path apflab will take."""
     import shutil  # noqa: PLC0415
 
+    from apflab import paths  # noqa: PLC0415
     from apflab.host import cgroup, kvm, tracefs  # noqa: PLC0415
 
     info = kvm.probe()
@@ -83,7 +84,7 @@ def host_facts() -> dict[str, Any]:
         "apflab": __version__,
         "root": os.geteuid() == 0,
         "kernel": os.uname().release,
-        "in_lab": os.environ.get("APFLAB_IN_LAB") == "1",
+        "in_lab": paths.in_lab(),
         "kvm": {
             "flavour": info.flavour,
             "usable": info.usable,
@@ -174,7 +175,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
         host_key=img.host_key,
         name="guest",
         memory_mb=args.memory,
-        cpus=args.cpus,
+        cpus=args.cpus or paths.default_guest_cpus(),
         accel=args.accel,
     )
     report: dict[str, Any] = {"image": str(img.directory), "log_dir": str(log_dir)}
@@ -294,7 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--initrd", type=_existing_file)
     b.add_argument("--cmdline", default="", help="extra kernel command line")
     b.add_argument("--memory", type=_positive_int, default=1024, metavar="MB")
-    b.add_argument("--cpus", type=_positive_int, default=2)
+    b.add_argument(
+        "--cpus",
+        type=_positive_int,
+        default=None,
+        help="default: 2 on a KVM host, 1 inside the nested lab",
+    )
     b.add_argument("--accel", choices=["kvm", "tcg"], default=None)
     b.add_argument("--log-dir", type=Path)
     b.add_argument("--json", action="store_true")

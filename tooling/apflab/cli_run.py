@@ -25,7 +25,12 @@ def add_scenario_args(
     g.add_argument("--cmdline", default="", help="extra guest kernel command line")
     g.add_argument("--image", default=d.image)
     g.add_argument("--guest-memory", type=pos, default=d.guest_memory_mb, metavar="MB")
-    g.add_argument("--guest-cpus", type=pos, default=d.guest_cpus)
+    g.add_argument(
+        "--guest-cpus",
+        type=pos,
+        default=None,
+        help="default: 2 on a KVM host, 1 inside the nested lab",
+    )
     g.add_argument(
         "--limit",
         type=pos,
@@ -72,12 +77,13 @@ def add_scenario_args(
 def scenario_from_args(args: argparse.Namespace) -> Any:
     import os  # noqa: PLC0415
 
+    from apflab import paths  # noqa: PLC0415
     from apflab.experiment import Scenario  # noqa: PLC0415
     from apflab.pressure import PressureSpec  # noqa: PLC0415
     from apflab.workload import WorkloadSpec  # noqa: PLC0415
 
     swap_device = args.swap_device or (
-        os.environ.get("APFLAB_LAB_SWAP_DEVICE") if os.environ.get("APFLAB_IN_LAB") else None
+        os.environ.get("APFLAB_LAB_SWAP_DEVICE") if paths.in_lab() else None
     )
     return Scenario(
         kernel=args.kernel,

@@ -50,7 +50,7 @@ class Scenario:
     cmdline: str = ""
     image: str = "guest"
     guest_memory_mb: int = 1024
-    guest_cpus: int = 2
+    guest_cpus: int | None = None  # None: paths.default_guest_cpus()
     accel: str | None = None
     pressure: PressureSpec = field(default_factory=PressureSpec)
     workload: WorkloadSpec = field(default_factory=WorkloadSpec)
@@ -154,7 +154,7 @@ def host_description() -> dict[str, Any]:
         "hostname": os.uname().nodename,
         "kvm": info.reason,
         "kvm_module": info.module,
-        "in_lab": os.environ.get("APFLAB_IN_LAB") == "1",
+        "in_lab": paths.in_lab(),
         "cpus": os.cpu_count(),
     }
 
@@ -200,7 +200,7 @@ def execute(
         host_key=img.host_key,
         name="guest",
         memory_mb=scenario.guest_memory_mb,
-        cpus=scenario.guest_cpus,
+        cpus=scenario.guest_cpus or paths.default_guest_cpus(),
         accel=scenario.accel,
     )
     try:

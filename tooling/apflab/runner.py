@@ -44,8 +44,6 @@ def scenario_argv(s: Scenario, kernel_dir: str | None = None) -> list[str]:
         s.image,
         "--guest-memory",
         str(s.guest_memory_mb),
-        "--guest-cpus",
-        str(s.guest_cpus),
         "--limit",
         str(s.pressure.limit_mb),
         "--swap",
@@ -67,6 +65,8 @@ def scenario_argv(s: Scenario, kernel_dir: str | None = None) -> list[str]:
         "--trace-buffer-kb",
         str(s.trace_buffer_kb),
     ]
+    if s.guest_cpus is not None:
+        argv += ["--guest-cpus", str(s.guest_cpus)]
     if s.cmdline:
         argv += ["--cmdline", s.cmdline]
     if s.kernel is not None:

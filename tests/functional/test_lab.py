@@ -32,7 +32,7 @@ class NestedLab(Test):
             self.cancel(f"{info.reason}: this host needs no lab (set lab_accel=kvm to nest)")
         self.config = LabConfig(
             memory_mb=int(self.params.get("lab_memory", default=3072)),
-            cpus=int(self.params.get("lab_cpus", default=2)),
+            cpus=int(self.params.get("lab_cpus", default=1)),
             accel=accel,
         )
 

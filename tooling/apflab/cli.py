@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     lab_sub = lab.add_subparsers(dest="lab_command", required=True, parser_class=_Parser)
     up = lab_sub.add_parser("up", help="boot L1 and leave it running")
     up.add_argument("--memory", type=_positive_int, default=3072, metavar="MB")
-    up.add_argument("--cpus", type=_positive_int, default=2)
+    up.add_argument("--cpus", type=_positive_int, default=1)
     up.add_argument("--swap", type=_positive_int, default=2048, metavar="MB")
     up.add_argument("--accel", choices=["tcg", "kvm"], default="tcg")
     up.add_argument("--kernel", type=_existing_file, action="append", default=[])

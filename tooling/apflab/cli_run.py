@@ -216,7 +216,7 @@ def register(
     )
     lab = r.add_argument_group("lab (used only when this host needs the nested lab)")
     lab.add_argument("--lab-memory", type=pos, default=3072, metavar="MB")
-    lab.add_argument("--lab-cpus", type=pos, default=2)
+    lab.add_argument("--lab-cpus", type=pos, default=1)
     r.set_defaults(func=cmd_run)
 
     a = sub.add_parser("analyze", help="re-analyse a saved trace (plain, .xz or .gz)")

@@ -59,6 +59,7 @@ lint: deps
 	$(VENV)/bin/ruff check tooling tests
 	$(VENV)/bin/ruff format --check tooling tests
 	$(VENV)/bin/mypy
+	MYPYPATH=tooling:tests/functional $(VENV)/bin/mypy tests/functional
 
 unit: deps
 	$(VENV)/bin/pytest tests/unit

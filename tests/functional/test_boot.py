@@ -42,6 +42,7 @@ class Boot(Test):
             self.whiteboard = f"{vm.accel} boot {vm.boot_seconds:.1f}s"
 
             status = vm.qmp.cmd("query-status")
+            assert isinstance(status, dict), status
             self.assertEqual(status["status"], "running", status)
 
             release = vm.run(["uname", "-r"]).stdout.strip()

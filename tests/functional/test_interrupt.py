@@ -62,6 +62,7 @@ class RunControl(Test):
                 break
             time.sleep(0.2)
         self.fail(f"never saw {pattern!r} within {timeout}s; output:\n{self.output[-3000:]}")
+        raise AssertionError("unreachable: self.fail raises")
 
     def finish(self, proc: subprocess.Popen[bytes], timeout: float = 120) -> int:
         """Wait for the command to exit after a signal; return its exit code."""

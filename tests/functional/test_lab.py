@@ -33,7 +33,7 @@ class NestedLab(Test):
         self.config = LabConfig(
             memory_mb=int(self.params.get("lab_memory", default=3072)),
             cpus=int(self.params.get("lab_cpus", default=1)),
-            accel=accel,
+            accel=str(accel),
         )
 
     def test_l1_kvm_and_l2_with_async_pf(self) -> None:

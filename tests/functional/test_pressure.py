@@ -55,13 +55,15 @@ class Pressure(Test):
         counts: dict[str, int] = {}
         with parse.open_trace(rec.trace_path) as f:
             for ev in parse.iter_events(f):
-                counts[ev.name] = counts.get(ev.name, 0) + 1
-        not_present = counts.get("kvm_async_pf_not_present", 0)
+                counts[ev.kind.name] = counts.get(ev.kind.name, 0) + 1
+        not_present = counts.get(parse.Kind.NOT_PRESENT.name, 0)
         self.log.info("trace event counts: %s", counts)
+        workload = rec.workload
+        assert workload is not None
         self.whiteboard = (
             f"swap-out {rec.pressure['swap_out_mb']} MiB, major faults "
             f"{rec.pressure['major_faults']}, async PFs {not_present}, "
-            f"workload {rec.workload.seconds:.0f}s"  # type: ignore[union-attr]
+            f"workload {workload.seconds:.0f}s"
         )
         self.assertGreaterEqual(
             not_present,

@@ -231,11 +231,40 @@ def prepare_wheels(cache: Path) -> Path:
     return out
 
 
+def mounts_under(path: Path) -> list[Path]:
+    """Mount points at or below ``path`` (from /proc/self/mountinfo), deepest first."""
+    base = path.resolve()
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if len(fields) < 5:
+            continue
+        # Field 5 is the mount point, with space, tab, newline, backslash octal-escaped.
+        point = Path(fields[4].encode().decode("unicode_escape"))
+        if point == base or base in point.parents:
+            found.append(point)
+    return sorted(found, key=lambda p: len(p.parts), reverse=True)
+
+
+def remove_build_dir(path: Path) -> None:
+    """Remove a (possibly stale) build directory without descending into mounts.
+
+    Builds run mmdebstrap in a private mount namespace, so its /proc, /sys and
+    /dev/pts mounts die with it; a directory left by an older build killed
+    mid-way may still hold such mounts, and ``rm -r`` must never walk into a
+    live /proc or /sys.  Detach them first.
+    """
+    for point in mounts_under(path):
+        log.warning("unmounting %s left under a stale build directory", point)
+        run(["umount", "--lazy", point])
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def _build(recipe: Recipe, target: Path, cache: Path) -> BuiltImage:
     _preflight_build()
     spec = recipe.spec
     work = target.with_name(target.name + ".building")
-    shutil.rmtree(work, ignore_errors=True)
+    remove_build_dir(work)
     work.mkdir(parents=True)
     rootfs = work / "rootfs"
     env = {
@@ -255,6 +284,13 @@ def _build(recipe: Recipe, target: Path, cache: Path) -> BuiltImage:
     try:
         run(
             [
+                # A private mount namespace: mmdebstrap's mounts inside the
+                # rootfs vanish with it, even if it is killed with SIGKILL.
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
                 "mmdebstrap",
                 "--mode=root",
                 f"--variant={spec.get('variant', 'minbase')}",
@@ -324,7 +360,7 @@ def _build(recipe: Recipe, target: Path, cache: Path) -> BuiltImage:
         shutil.rmtree(target, ignore_errors=True)
         work.replace(target)
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        remove_build_dir(work)
         raise
     log.info("image %s: built in %.0fs", recipe.name, manifest["build_seconds"]["total"])
     return BuiltImage.load(target)
@@ -336,6 +372,6 @@ def prune(cache: Path | None = None, keep: set[Path] | None = None) -> list[Path
     base = (cache or paths.cache_dir()) / "images"
     for d in sorted(base.glob("*-*")) if base.is_dir() else []:
         if d.is_dir() and (keep is None or d not in keep):
-            shutil.rmtree(d)
+            remove_build_dir(d)
             removed.append(d)
     return removed

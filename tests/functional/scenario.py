@@ -39,6 +39,7 @@ def from_params(params: Any, **overrides: Any) -> Scenario:
             limit_mb=get("limit", d.pressure.limit_mb),
             swap_mb=get("swap", d.pressure.swap_mb),
             swap_device=swap_device,
+            guest_thp=str(params.get("guest_thp", default="no")).lower() in ("1", "yes", "true"),
         ),
         workload=WorkloadSpec(
             mb=get("working_set", d.workload.mb),

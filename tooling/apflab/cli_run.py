@@ -47,6 +47,12 @@ def add_scenario_args(
     )
     g.add_argument("--swap-device", default=None, help="use this block device as swap")
     g.add_argument(
+        "--guest-thp",
+        action="store_true",
+        help="back guest RAM with transparent huge pages (off: memcg reclaim could not "
+        "keep up with THP-backed RAM and OOM-killed QEMU)",
+    )
+    g.add_argument(
         "--working-set",
         type=pos,
         default=d.workload.mb,
@@ -93,7 +99,12 @@ def scenario_from_args(args: argparse.Namespace) -> Any:
         guest_memory_mb=args.guest_memory,
         guest_cpus=args.guest_cpus,
         accel=args.accel,
-        pressure=PressureSpec(limit_mb=args.limit, swap_mb=args.swap, swap_device=swap_device),
+        pressure=PressureSpec(
+            limit_mb=args.limit,
+            swap_mb=args.swap,
+            swap_device=swap_device,
+            guest_thp=args.guest_thp,
+        ),
         workload=WorkloadSpec(
             mb=args.working_set,
             procs=args.procs,

@@ -159,6 +159,17 @@ def host_description() -> dict[str, Any]:
     }
 
 
+def _thp_enabled(pid: int) -> bool | None:
+    """The ``THP_enabled`` flag of a process (0 after PR_SET_THP_DISABLE)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("THP_enabled:"):
+                return line.split()[1] == "1"
+    except OSError:
+        pass
+    return None
+
+
 def execute(
     scenario: Scenario, results: Path, run_id: str, emit: Callable[[str], None]
 ) -> RunRecord:
@@ -202,6 +213,7 @@ def execute(
         memory_mb=scenario.guest_memory_mb,
         cpus=scenario.guest_cpus or paths.default_guest_cpus(),
         accel=scenario.accel,
+        thp=scenario.pressure.guest_thp,
     )
     try:
         with UndoStack(run_id) as undo:
@@ -265,6 +277,7 @@ class _Experiment:
 
         def move_into_cgroup(g: Guest) -> None:
             rec.guest["threads_in_cgroup"] = len(self.pressure.attach(g.pid))
+            rec.guest["qemu_thp_enabled"] = _thp_enabled(g.pid)
 
         vm = Guest(self.cfg, rec.results / "logs", self.undo, before_start=move_into_cgroup)
         vm.start()  # on any error below, the undo stack kills QEMU (after the trace stops)

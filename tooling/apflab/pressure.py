@@ -48,12 +48,16 @@ class PressureSpec:
     :ivar swap_mb: size of the swap file (ignored when ``swap_device`` is set)
     :ivar swap_device: a whole block device to use as swap (the lab's disk)
     :ivar swap_priority: swapon priority (above any host swap, so ours is used)
+    :ivar guest_thp: let QEMU back guest RAM with transparent huge pages.  Off:
+        memcg reclaim could not keep up with THP-backed RAM and OOM-killed QEMU
+        (:mod:`apflab.vm.nothp`)
     """
 
     limit_mb: int = 256
     swap_mb: int = 2048
     swap_device: str | None = None
     swap_priority: int = 100
+    guest_thp: bool = False
 
 
 def preflight(spec: PressureSpec, working_set_mb: int, guest_memory_mb: int) -> cgroup.CgroupInfo:

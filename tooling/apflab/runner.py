@@ -67,6 +67,8 @@ def scenario_argv(s: Scenario, kernel_dir: str | None = None) -> list[str]:
     ]
     if s.guest_cpus is not None:
         argv += ["--guest-cpus", str(s.guest_cpus)]
+    if s.pressure.guest_thp:
+        argv += ["--guest-thp"]
     if s.cmdline:
         argv += ["--cmdline", s.cmdline]
     if s.kernel is not None:

@@ -24,6 +24,7 @@ import re
 import shlex
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -113,6 +114,9 @@ class GuestConfig:
     shutdown_timeout: float = 30.0
     shutdown_method: str = "quit"  # or "powerdown" (ACPI) — both fall back to SIGKILL
     qemu_binary: str = "qemu-system-x86_64"
+    #: back guest RAM with transparent huge pages (QEMU's default).  Off for
+    #: guests under a memory limit: see :mod:`apflab.vm.nothp`
+    thp: bool = True
     #: QEMU dies with our process (PR_SET_PDEATHSIG); False only for a lab
     #: deliberately left running by `apflab lab up`
     die_with_parent: bool = True
@@ -574,6 +578,8 @@ class Guest:
         # setpriv --pdeathsig: if our process dies without unwinding (SIGKILL),
         # the kernel kills QEMU too; the run-state record covers the rest.
         argv = list(self.argv)
+        if not self.config.thp:
+            argv = [sys.executable, "-m", "apflab.vm.nothp", "--", *argv]
         if self.config.die_with_parent:
             argv = ["setpriv", "--pdeathsig", "KILL", "--", *argv]
         with self.qemu_log.open("wb") as qlog:

@@ -328,6 +328,14 @@ class _Experiment:
         self.pressure.report.after = self.pressure.snapshot()
         self.pressure.save_raw(self.rec.results / "host", "after")
         self.rec.pressure.update(self.pressure.finish().to_dict())
+        if not vm.is_running():
+            oom = self.rec.pressure["memory_events"].get("oom_kill", 0)
+            why = (
+                f": the memory cgroup's OOM killer fired {oom} time(s) (raise --limit)"
+                if oom
+                else ""
+            )
+            raise VMError(f"the guest's QEMU died during the workload{why}")
         _guest_after(vm, self.rec)
         with (self.rec.results / "workload.jsonl").open("w") as f:
             for r in self.rec.workload.rounds if self.rec.workload else []:

@@ -231,6 +231,25 @@ def prepare_wheels(cache: Path) -> Path:
     return out
 
 
+def make_ext4(source: Path, image: Path, label: str, free_mb: int = 0) -> int:
+    """Write ``source``'s tree into a new raw ext4 file ``image`` (``mke2fs -d``:
+    no loop mount, no root-owned mount point), sized to fit with ``free_mb`` to
+    spare.
+
+    :return: the image size in MiB
+    """
+    used_mb = int(run(["du", "-sm", "--apparent-size", source]).stdout.split()[0])
+    size_mb = used_mb + free_mb + 64
+    run(
+        [
+            *("mke2fs", "-q", "-t", "ext4", "-L", label, "-E", "root_owner=0:0"),
+            *("-d", source, "-F", image, f"{size_mb}M"),
+        ],
+        timeout=600,
+    )
+    return size_mb
+
+
 def mounts_under(path: Path) -> list[Path]:
     """Mount points at or below ``path`` (from /proc/self/mountinfo), deepest first."""
     base = path.resolve()
@@ -319,27 +338,8 @@ def _build(recipe: Recipe, target: Path, cache: Path) -> BuiltImage:
         packages = run(
             ["chroot", rootfs, "dpkg-query", "-W", "-f", "${Package}=${Version}\\n"]
         ).stdout.split()
-        used_mb = int(run(["du", "-sm", "--apparent-size", rootfs]).stdout.split()[0])
-        size_mb = used_mb + int(spec.get("free_mb", 512)) + 64
         t1 = time.monotonic()
-        run(
-            [
-                "mke2fs",
-                "-q",
-                "-t",
-                "ext4",
-                "-L",
-                "root",
-                "-E",
-                "root_owner=0:0",
-                "-d",
-                rootfs,
-                "-F",
-                work / "root.img",
-                f"{size_mb}M",
-            ],
-            timeout=600,
-        )
+        size_mb = make_ext4(rootfs, work / "root.img", "root", int(spec.get("free_mb", 512)))
         t_mke2fs = time.monotonic() - t1
         shutil.rmtree(rootfs)
         manifest = {

@@ -38,7 +38,7 @@ from typing import Any
 
 from apflab import images, paths
 from apflab.errors import BootTimeout, GuestPanic, LabError
-from apflab.process import CmdResult, run
+from apflab.process import CmdResult
 from apflab.undo import RemoveTree, UndoStack
 from apflab.vm.qemu import Disk, Guest, GuestConfig
 from apflab.vm.ssh import SSH
@@ -144,25 +144,7 @@ def build_assets(
     bindir.mkdir()
     (bindir / "apflab").write_text(APFLAB_WRAPPER)
     (bindir / "apflab").chmod(0o755)
-    used_mb = int(run(["du", "-sm", "--apparent-size", staging]).stdout.split()[0])
-    run(
-        [
-            "mke2fs",
-            "-q",
-            "-t",
-            "ext4",
-            "-L",
-            "apflab-assets",
-            "-E",
-            "root_owner=0:0",
-            "-d",
-            staging,
-            "-F",
-            out,
-            f"{used_mb + 64}M",
-        ],
-        timeout=300,
-    )
+    images.make_ext4(staging, out, "apflab-assets")
     return out
 
 

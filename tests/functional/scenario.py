@@ -15,6 +15,12 @@ from apflab.pressure import PressureSpec
 from apflab.workload import WorkloadSpec
 
 
+def _tristate(value: Any) -> bool | None:
+    """``auto`` -> None, ``on``/``yes``/``true``/``1`` -> True, anything else False."""
+    text = str(value).lower()
+    return None if text == "auto" else text in ("on", "yes", "true", "1")
+
+
 def from_params(params: Any, **overrides: Any) -> Scenario:
     d = Scenario()
 
@@ -39,7 +45,7 @@ def from_params(params: Any, **overrides: Any) -> Scenario:
             limit_mb=get("limit", d.pressure.limit_mb),
             swap_mb=get("swap", d.pressure.swap_mb),
             swap_device=swap_device,
-            guest_thp=str(params.get("guest_thp", default="no")).lower() in ("1", "yes", "true"),
+            guest_thp=_tristate(params.get("guest_thp", default="auto")),
         ),
         workload=WorkloadSpec(
             mb=get("working_set", d.workload.mb),

@@ -31,8 +31,8 @@ class Pressure(Test):
         rec = execute(scenario, Path(self.outputdir) / run_id, run_id, self.log.info)
         self.assertEqual(rec.errors, [], "the run hit infrastructure errors")
         self.assertEqual(leftovers.find(run_id), [], "host changes left behind")
-        if not scenario.pressure.guest_thp:
-            self.assertIs(rec.guest.get("qemu_thp_enabled"), False, "QEMU still had THP enabled")
+        expected_thp = scenario.pressure.thp_for(rec.pressure["cgroup"]["version"])
+        self.assertIs(rec.guest.get("qemu_thp_enabled"), expected_thp, "QEMU's THP flag")
         p = rec.pressure
         self.log.info("pressure: %s", {k: v for k, v in p.items() if k not in ("before", "after")})
         self.assertGreater(p["swap_out_mb"], 0, "the host did not swap the guest's memory out")

@@ -48,9 +48,10 @@ def add_scenario_args(
     g.add_argument("--swap-device", default=None, help="use this block device as swap")
     g.add_argument(
         "--guest-thp",
-        action="store_true",
-        help="back guest RAM with transparent huge pages (off: memcg reclaim could not "
-        "keep up with THP-backed RAM and OOM-killed QEMU)",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="back guest RAM with transparent huge pages; auto: off under cgroup v1 "
+        "(THP-backed QEMU was OOM-killed there), on under v2 (default %(default)s)",
     )
     g.add_argument(
         "--working-set",
@@ -103,7 +104,7 @@ def scenario_from_args(args: argparse.Namespace) -> Any:
             limit_mb=args.limit,
             swap_mb=args.swap,
             swap_device=swap_device,
-            guest_thp=args.guest_thp,
+            guest_thp=None if args.guest_thp == "auto" else args.guest_thp == "on",
         ),
         workload=WorkloadSpec(
             mb=args.working_set,

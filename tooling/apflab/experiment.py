@@ -213,7 +213,7 @@ def execute(
         memory_mb=scenario.guest_memory_mb,
         cpus=scenario.guest_cpus or paths.default_guest_cpus(),
         accel=scenario.accel,
-        thp=scenario.pressure.guest_thp,
+        thp=scenario.pressure.thp_for(cginfo.version),
     )
     try:
         with UndoStack(run_id) as undo:

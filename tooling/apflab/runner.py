@@ -67,8 +67,8 @@ def scenario_argv(s: Scenario, kernel_dir: str | None = None) -> list[str]:
     ]
     if s.guest_cpus is not None:
         argv += ["--guest-cpus", str(s.guest_cpus)]
-    if s.pressure.guest_thp:
-        argv += ["--guest-thp"]
+    if s.pressure.guest_thp is not None:
+        argv += ["--guest-thp", "on" if s.pressure.guest_thp else "off"]
     if s.cmdline:
         argv += ["--cmdline", s.cmdline]
     if s.kernel is not None:

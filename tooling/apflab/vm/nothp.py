@@ -8,8 +8,9 @@ it MADV_HUGEPAGE.
 Why: under a memory cgroup limit, THP-backed guest RAM could not be reclaimed
 fast enough: on this host (cgroup v1, TCG guest) QEMU was OOM-killed twice in
 a row during the limit step-down with 277 of 299 MiB and 359 of 405 MiB of its
-charge in huge pages and swap writeback idle.  Async page faults are 4 KiB
-faults anyway.
+charge in huge pages and swap writeback idle.  Under cgroup v2 in the nested
+lab THP stays on: there it caused no OOM and L2 needs it for speed
+(:meth:`apflab.pressure.PressureSpec.thp_for`).
 """
 
 from __future__ import annotations

@@ -114,8 +114,9 @@ class GuestConfig:
     shutdown_timeout: float = 30.0
     shutdown_method: str = "quit"  # or "powerdown" (ACPI) — both fall back to SIGKILL
     qemu_binary: str = "qemu-system-x86_64"
-    #: back guest RAM with transparent huge pages (QEMU's default).  Off for
-    #: guests under a memory limit: see :mod:`apflab.vm.nothp`
+    #: back guest RAM with transparent huge pages (QEMU's default).  Experiments
+    #: choose per cgroup version (:meth:`apflab.pressure.PressureSpec.thp_for`);
+    #: off runs QEMU through :mod:`apflab.vm.nothp`
     thp: bool = True
     #: QEMU dies with our process (PR_SET_PDEATHSIG); False only for a lab
     #: deliberately left running by `apflab lab up`

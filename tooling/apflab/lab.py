@@ -102,9 +102,6 @@ class LabConfig:
     kernels: tuple[Path, ...] = ()
     #: leave L1 running when this process exits (`apflab lab up`)
     detached: bool = False
-    #: module options for L1's kvm module (reloaded at lab start when set),
-    #: e.g. ("mmio_caching=0",)
-    kvm_options: tuple[str, ...] = ()
     #: QEMU TCG threading for L1: "multi" (one host thread per vCPU) or "single"
     tcg_thread: str = "multi"
 
@@ -250,9 +247,6 @@ class Lab:
             vm.run(
                 ["mount", "-o", "ro", f"/dev/disk/by-id/virtio-{SERIALS['assets']}", ASSETS_MOUNT]
             )
-        if self.config.kvm_options:
-            vm.run(["modprobe", "-r", "kvm_amd", "kvm"])
-            vm.run(["modprobe", "kvm", *self.config.kvm_options])
         # kvm_amd is in modules-load.d, but make sure before checking.
         vm.run(["modprobe", "kvm_amd"], check=False)
         facts = json.loads(self.run(["apflab", "doctor", "--json"]).stdout)

@@ -107,10 +107,6 @@ class GuestConfig:
     #: boots tried before giving up (a stuck or panicked boot is retried; every
     #: attempt's console is kept as <name>-console.attemptN.log)
     boot_attempts: int = 2
-    #: pin vCPU thread i to host CPU i (mod the CPU count). Tried against the
-    #: lab's L1 panics (the first three hit "CPU 1/KVM" running on CPU 0) and
-    #: refuted: a pinned run panicked on "CPU 0/KVM" on CPU 0. Off by default.
-    pin_vcpus: bool = False
     shutdown_timeout: float = 30.0
     shutdown_method: str = "quit"  # or "powerdown" (ACPI) — both fall back to SIGKILL
     qemu_binary: str = "qemu-system-x86_64"
@@ -631,8 +627,6 @@ class Guest:
                         tail(self.qemu_log, 10),
                     ) from err
         self._qmp.settimeout(30)
-        if self.config.pin_vcpus:
-            self._pin_vcpus()
         if self._before_start is not None:
             self._before_start(self)
         self._qmp.cmd("cont")
@@ -644,13 +638,6 @@ class Guest:
             status,
             self.ssh_port,
         )
-
-    def _pin_vcpus(self) -> None:
-        cpus = sorted(os.sched_getaffinity(0))
-        for index, tid in self.vcpu_threads().items():
-            cpu = cpus[index % len(cpus)]
-            os.sched_setaffinity(tid, {cpu})
-            log.info("%s: vCPU %d (thread %d) pinned to CPU %d", self.name, index, tid, cpu)
 
     def _reset_qmp(self) -> None:
         if self._qmp is not None:

@@ -5,7 +5,6 @@ the same name (yaml_to_mux variants, ``-p key=value``); unset ones keep the
 calibrated defaults.
 """
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +29,7 @@ def from_params(params: Any, **overrides: Any) -> Scenario:
 
     kernel = params.get("kernel", default=None)
     initrd = params.get("initrd", default=None)
-    swap_device = params.get("swap_device", default=None)
-    if swap_device is None and paths.in_lab():
-        swap_device = os.environ.get("APFLAB_LAB_SWAP_DEVICE")
+    swap_device = params.get("swap_device", default=None) or paths.lab_swap_device()
     fields: dict[str, Any] = dict(
         kernel=Path(kernel) if kernel else None,
         initrd=Path(initrd) if initrd else None,

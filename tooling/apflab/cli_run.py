@@ -82,16 +82,13 @@ def add_scenario_args(
 
 
 def scenario_from_args(args: argparse.Namespace) -> Any:
-    import os  # noqa: PLC0415
 
     from apflab import paths  # noqa: PLC0415
     from apflab.experiment import Scenario  # noqa: PLC0415
     from apflab.pressure import PressureSpec  # noqa: PLC0415
     from apflab.workload import WorkloadSpec  # noqa: PLC0415
 
-    swap_device = args.swap_device or (
-        os.environ.get("APFLAB_LAB_SWAP_DEVICE") if paths.in_lab() else None
-    )
+    swap_device = args.swap_device or paths.lab_swap_device()
     return Scenario(
         kernel=args.kernel,
         initrd=args.initrd,

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -306,8 +305,3 @@ def run_in_lab(
     return ssh.run(
         ["env", *env, *argv], check=check, timeout=timeout, on_output=on_output, watch=watch
     )
-
-
-def default_swap_device() -> str | None:
-    """Inside the lab: L1's dedicated swap disk."""
-    return os.environ.get("APFLAB_LAB_SWAP_DEVICE")

@@ -62,7 +62,7 @@ def _swaps(marker: str | None) -> list[str]:
         for e in active
         if root in e.path or (marker is not None and marker in e.path)
     ]
-    lab_swap = os.environ.get("APFLAB_LAB_SWAP_DEVICE")
+    lab_swap = paths.lab_swap_device()
     if lab_swap and os.path.exists(lab_swap):
         real = os.path.realpath(lab_swap)
         if any(os.path.realpath(e.path) == real for e in active):

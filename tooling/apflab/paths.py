@@ -50,6 +50,11 @@ def in_lab() -> bool:
     return os.environ.get("APFLAB_IN_LAB") == "1"
 
 
+def lab_swap_device() -> str | None:
+    """Inside the lab: L1's dedicated swap disk (set by :mod:`apflab.lab`); else None."""
+    return os.environ.get("APFLAB_LAB_SWAP_DEVICE") if in_lab() else None
+
+
 def default_guest_cpus() -> int:
     """vCPUs of a guest under test when the scenario does not say.
 

@@ -10,11 +10,11 @@ import os
 from pathlib import Path
 
 from avocado import Test
-from scenario import from_params
 
-from apflab import leftovers, runner
-from apflab.experiment import execute
-from apflab.host import kvm
+from apflab.host import kvm, leftovers
+from apflab.run.experiment import execute
+from apflab.run.judge import judge
+from apflab.run.scenario import Scenario
 
 
 class AsyncPfVerdict(Test):
@@ -29,11 +29,11 @@ class AsyncPfVerdict(Test):
         if not info.usable:
             self.cancel(f"needs real KVM ({info.reason}); runs in the lab phase")
         expect = self.params.get("expect", default="PASS")
-        scenario = from_params(self.params)
+        scenario = Scenario.from_params(self.params)
         run_id = f"apf-{self.name.uid}-{os.getpid()}"
         out = Path(self.outputdir)
         rec = execute(scenario, out, run_id, self.log.info)
-        doc = runner.judge(rec, self.log.info)
+        doc = judge(rec)
         self.assertEqual(leftovers.find(run_id), [], "host changes left behind")
         self.assertTrue((out / "verdict.json").is_file())
         self.assertTrue((out / "report.html").is_file())

@@ -8,8 +8,10 @@ from pathlib import Path
 
 from avocado import Test
 
-from apflab import images, leftovers, paths
+from apflab import paths
 from apflab.errors import VMLaunchError
+from apflab.host import leftovers
+from apflab.images.build import ensure
 from apflab.undo import UndoStack
 from apflab.vm.qemu import BootSpec, Guest, GuestConfig
 
@@ -22,7 +24,7 @@ class Boot(Test):
     timeout = 600
 
     def config(self, **overrides: object) -> GuestConfig:
-        img = images.ensure(self.params.get("image", default="guest"))
+        img = ensure(self.params.get("image", default="guest"))
         self.image = img
         fields = dict(
             boot=img.boot_spec(self.params.get("cmdline", default="")),

@@ -17,8 +17,7 @@ from pathlib import Path
 
 from avocado import Test
 
-from apflab import leftovers
-from apflab.host import kvm
+from apflab.host import kvm, leftovers
 from apflab.undo import pid_alive
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from avocado import Test
 
-from apflab import leftovers, paths
-from apflab.host import kvm
-from apflab.lab import Lab, LabConfig
+from apflab import paths
+from apflab.host import kvm, leftovers
+from apflab.lab.l1 import Lab, LabConfig
 from apflab.undo import UndoStack
 
 

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from apflab import leftovers
-from apflab.cli import EXIT_USAGE, main
+from apflab.cli.exitcodes import EXIT_USAGE
+from apflab.cli.main import main
+from apflab.host import leftovers
 
 
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -28,7 +29,7 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
     ("argv", "needle"),
     [
         (["run", "--kernel", "/nonexistent/bzImage"], "/nonexistent/bzImage does not exist"),
-        (["run", "--pattern", "zigzag"], "invalid choice: 'zigzag'"),
+        (["run", "--pattern", "zigzag"], "'zigzag' is not one of seq, random, bursty"),
         (["run", "--limit", "0"], "'0' must be > 0"),
         (["run", "--limit", "50"], "below QEMU's own baseline"),
         (
@@ -37,7 +38,7 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
         ),
         (["run", "--working-set", "900", "--procs", "2"], "does not fit in the guest"),
         (["run", "--swap", "64"], "raise --swap"),
-        (["run", "--deadline", "0"], "deadline must be > 0"),
+        (["run", "--deadline", "0"], "--deadline: '0' must be > 0"),
         (["analyze", "/nonexistent.trace"], "does not exist"),
         (["boot", "--image", "no-such-image"], "no image recipe 'no-such-image'"),
         (["lab", "run", "--", "true"], "no lab is up"),

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from apflab import guestinfo
-from apflab.host import cgroup, swap, tracefs
+from apflab.host import cgroup, procfs, swap, tracefs
+from apflab.vm import guestinfo
 
 F = Path(__file__).parent / "fixtures" / "host"
 
@@ -16,7 +16,7 @@ def read(name: str) -> str:
 
 
 def test_memory_stat_v1() -> None:
-    stat = cgroup.parse_flat_keyed(read("v1-memory.stat"))
+    stat = procfs.parse_flat_keyed(read("v1-memory.stat"))
     # values read off the file by hand
     assert stat["rss"] == 259723264
     assert stat["rss_huge"] == 167772160
@@ -25,7 +25,7 @@ def test_memory_stat_v1() -> None:
 
 
 def test_proc_vmstat_counters() -> None:
-    vm = cgroup.parse_flat_keyed(read("proc-vmstat"))
+    vm = procfs.parse_flat_keyed(read("proc-vmstat"))
     for key in ("pswpin", "pswpout", "pgmajfault", "pgfault"):
         assert key in vm
     assert all(isinstance(v, int) for v in vm.values())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from apflab import images
+from apflab.images import ext4
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 
@@ -23,12 +23,12 @@ def test_remove_build_dir_detaches_mounts_first(tmp_path: Path) -> None:
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "apflab-test", inner], check=True)
     try:
         (inner / "file").write_text("inside the mount")
-        assert images.mounts_under(work) == [inner]
-        images.remove_build_dir(work)
+        assert ext4.mounts_under(work) == [inner]
+        ext4.remove_build_dir(work)
         assert not work.exists()
-        assert images.mounts_under(tmp_path) == []
+        assert ext4.mounts_under(tmp_path) == []
     finally:
-        if images.mounts_under(tmp_path):
+        if ext4.mounts_under(tmp_path):
             subprocess.run(["umount", "--lazy", inner], check=False)
 
 
@@ -39,7 +39,7 @@ def test_mounts_under_ignores_siblings(tmp_path: Path) -> None:
         ["mount", "-t", "tmpfs", "-o", "size=1m", "apflab-test", tmp_path / "ab"], check=True
     )
     try:
-        assert images.mounts_under(tmp_path / "a") == []
-        assert images.mounts_under(tmp_path) == [tmp_path / "ab"]
+        assert ext4.mounts_under(tmp_path / "a") == []
+        assert ext4.mounts_under(tmp_path) == [tmp_path / "ab"]
     finally:
         subprocess.run(["umount", "--lazy", tmp_path / "ab"], check=True)

@@ -1,4 +1,4 @@
-"""lifecycle.analyze on real trace excerpts; every expected number is worked out by hand
+"""analyzer.analyze on real trace excerpts; every expected number is worked out by hand
 from the fixture lines (timestamps in seconds as printed; differences in µs)."""
 
 from __future__ import annotations
@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from apflab.analysis import lifecycle, parse
-from apflab.analysis.lifecycle import Analysis
+from apflab.analysis import analyzer, classify, invariants, model, parse, summary
+from apflab.analysis.model import Analysis
+from apflab.analysis.state import add_example
 from apflab.analysis.stats import Histogram
+from apflab.analysis.timeline import TimelineBuilder
+from apflab.errors import AnalysisError
 
 TRACES = Path(__file__).parent / "fixtures" / "traces"
 MAP = {134: 0, 135: 1}  # stock-1/stock-2: tid 134 = CPU 0, 135 = CPU 1 (console.log)
@@ -20,7 +23,7 @@ NOACK1_END_US = 119_690_000
 
 def run(name: str, vcpu_of_pid: Mapping[int, int] | None = None, **kw: object) -> Analysis:
     with parse.open_trace(TRACES / name) as f:
-        return lifecycle.analyze(parse.iter_events(f), vcpu_of_pid, **kw)  # type: ignore[arg-type]
+        return analyzer.analyze(parse.iter_events(f), vcpu_of_pid, **kw)  # type: ignore[arg-type]
 
 
 def samples(h: Histogram) -> list[int]:
@@ -241,7 +244,7 @@ def test_more_than_64_outstanding_derived() -> None:
     assert a.vcpus[0].max_outstanding == 65
     assert not a.invariants["outstanding_per_vcpu_le_64"].ok
     first_64 = (TRACES / "derived-65-outstanding.trace").read_text().splitlines()[:64]
-    b = lifecycle.analyze(parse.iter_events(first_64), MAP)
+    b = analyzer.analyze(parse.iter_events(first_64), MAP)
     assert b.vcpus[0].max_outstanding == 64
     assert b.invariants["outstanding_per_vcpu_le_64"].ok
 
@@ -284,7 +287,7 @@ def test_unacked_ready_at_end_derived() -> None:
 # --- classification without #PF events ------------------------------------------------------
 def test_heuristic_classification_without_pf_events() -> None:
     a = run("derived-no-pf-events.trace", MAP)
-    assert a.classification == lifecycle.CLASSIFICATION_HEURISTIC
+    assert a.classification == model.CLASSIFICATION_HEURISTIC
     assert "heuristic" in a.classification_detail
     assert "not assessed" in a.invariants["interrupt_ready_acked_before_next"].detail
     # same pairing as with the #PF events (test_quirk_...): quirk recognised by timing
@@ -351,3 +354,69 @@ def test_full_trace_end_to_end() -> None:
     assert failed(a) == set()
     assert all(len(s) <= 64 for s in a.timeline.series.values())
     assert max(max(s) for s in a.timeline.series.values()) == 2
+
+
+# --- analyze_trace and the small pieces --------------------------------------------------------
+def test_analyze_trace_reads_parses_and_analyzes() -> None:
+    for name in ("stock-1-mixed.trace", "stock-1-full.trace.xz"):
+        a, stats = analyzer.analyze_trace(TRACES / name, MAP, grace_us=500_000)
+        want = run(name, MAP, grace_us=500_000)
+        assert a.events == want.events and a.grace_us == 500_000
+        assert a.invariants == want.invariants
+        assert {m: h.summary() for m, h in a.latency.items()} == {
+            m: h.summary() for m, h in want.latency.items()
+        }
+        counted = parse.ParseStats()
+        with parse.open_trace(TRACES / name) as f:
+            for _ in parse.iter_events(f, counted):
+                pass
+        assert stats == counted
+    _, stats = analyzer.analyze_trace(TRACES / "stock-1-head.trace")
+    assert (stats.lines, stats.header, stats.events, stats.malformed) == (32, 12, 20, 0)
+
+
+def test_analyze_trace_missing_file_raises_analysis_error(tmp_path: Path) -> None:
+    with pytest.raises(AnalysisError, match="cannot open trace"):
+        analyzer.analyze_trace(tmp_path / "nope.trace")
+
+
+def test_event_counts_sum_the_vcpus() -> None:
+    a = run("stock-1-head.trace", MAP)
+    total = summary.sum_counts(a.vcpus)
+    assert (total.pid, total.vcpu) == (0, None)
+    assert total.ready == sum(v.ready for v in a.vcpus) == a.events["ready"] == 6
+    assert total.try_get_page == a.events["try_async_get_page"]
+
+
+def test_format_duration() -> None:
+    assert invariants.format_duration(999_999) == "1000.0 ms"
+    assert invariants.format_duration(1_000_000) == "1.000 s"
+    assert invariants.format_duration(12_345) == "12.3 ms"
+
+
+def test_timeline_bins_double_and_keep_the_maximum() -> None:
+    tl = TimelineBuilder(max_bins=4, initial_bin_us=10)
+    tl.t0_us = 100
+    s = tl.new_series()
+    for ts, n in ((100, 1), (105, 3), (112, 2), (125, 0), (139, 5)):
+        tl.record(s, ts, n)
+    # a bin is the maximum while it lasts, the level carried in included:
+    # [100,110) 1→3, [110,120) 3→2, [120,130) 2→0, [130,140) 0→5
+    assert (tl.bin_us, s.bins) == (10, [3, 3, 2, 5])
+    tl.record(s, 140, 4)  # bin 4 does not exist: bins become 20 µs wide
+    assert (tl.bin_us, s.bins) == (20, [3, 5, 5])  # [140,160) starts at 5
+    tl.record(s, 90, 6)  # a line logged before the first one: bin 0
+    assert s.bins == [6, 5, 5]
+    built = tl.build([("vCPU 0", s)], end_us=180)  # 180 is in bin 4: 40 µs wide
+    assert (built.t0_us, built.bin_us, built.series) == (100, 40, {"vCPU 0": [6, 5, 6]})
+
+
+def test_add_example_keeps_the_first_few() -> None:
+    examples: dict[str, list[str]] = {}
+    for i in range(5):
+        add_example(examples, "problem", f"line {i}")
+    assert examples == {"problem": ["line 0", "line 1", "line 2"]}
+
+
+def test_detect_without_events_is_pf() -> None:
+    assert classify.detect(iter(())) == ("pf", "", [])

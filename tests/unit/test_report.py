@@ -6,7 +6,9 @@ import base64
 import re
 from pathlib import Path
 
-from apflab.analysis import lifecycle, parse, verdict
+from apflab.analysis import parse, verdict
+from apflab.analysis.analyzer import analyze
+from apflab.analysis.model import METRICS
 from apflab.analysis.verdict import Evidence, Thresholds
 from apflab.report import html, plots
 
@@ -15,7 +17,7 @@ TRACES = Path(__file__).parent / "fixtures" / "traces"
 
 def test_report_has_verdict_tables_and_embedded_pngs(tmp_path: Path) -> None:
     with parse.open_trace(TRACES / "tiny-noack-1.trace") as f:
-        a = lifecycle.analyze(parse.iter_events(f), end_ts_us=119_690_000)
+        a = analyze(parse.iter_events(f), end_ts_us=119_690_000)
     ev = Evidence(
         lost_events=0,
         host_swap_out_bytes=1 << 27,
@@ -52,9 +54,7 @@ def test_report_without_analysis(tmp_path: Path) -> None:
 
 
 def test_plots_draw_empty_and_censored_histograms() -> None:
-    a = lifecycle.analyze(
-        parse.iter_events((TRACES / "header-only.trace").read_text().splitlines())
-    )
-    for metric in lifecycle.METRICS:
+    a = analyze(parse.iter_events((TRACES / "header-only.trace").read_text().splitlines()))
+    for metric in METRICS:
         assert plots.latency_png(metric, a.latency[metric]).startswith(b"\x89PNG")
     assert plots.timeline_png(a.timeline).startswith(b"\x89PNG")

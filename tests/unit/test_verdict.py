@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from apflab.analysis import lifecycle, parse, verdict
-from apflab.analysis.lifecycle import Analysis
+from apflab.analysis import analyzer, parse, verdict
+from apflab.analysis.model import Analysis
 from apflab.analysis.verdict import Evidence, Thresholds
 
 TRACES = Path(__file__).parent / "fixtures" / "traces"
@@ -46,7 +46,7 @@ def analysis(name: str, vcpu_of_pid: Mapping[int, int] | None = MAP, **kw: objec
     key = f"{name}{sorted(kw.items())}"
     if key not in _cache:
         with parse.open_trace(TRACES / name) as f:
-            _cache[key] = lifecycle.analyze(parse.iter_events(f), vcpu_of_pid, **kw)  # type: ignore[arg-type]
+            _cache[key] = analyzer.analyze(parse.iter_events(f), vcpu_of_pid, **kw)  # type: ignore[arg-type]
     return _cache[key]
 
 

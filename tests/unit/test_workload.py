@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 
 from apflab.errors import UsageError
-from apflab.workload import WorkloadSpec, parse_rounds
+from apflab.run.scenario import Scenario
+from apflab.run.workload import WorkloadSpec, parse_rounds
 
 F = Path(__file__).parent / "fixtures" / "workload"
 
@@ -38,7 +39,7 @@ def test_spec_argv_and_validation() -> None:
         "7",
     ]
     assert spec.total_mb == 128
-    with pytest.raises(UsageError):
-        WorkloadSpec(pattern="zigzag").validate()
-    with pytest.raises(UsageError):
-        WorkloadSpec(mb=0).validate()
+    with pytest.raises(UsageError, match="pattern"):
+        Scenario(pattern="zigzag").validate()
+    with pytest.raises(UsageError, match="working-set"):
+        Scenario(working_set=0).validate()

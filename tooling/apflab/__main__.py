@@ -2,6 +2,6 @@
 
 import sys
 
-from apflab.cli import main
+from apflab.cli.main import main
 
 sys.exit(main())

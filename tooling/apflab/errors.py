@@ -63,6 +63,10 @@ class VMLaunchError(VMError):
         self.console_tail = console_tail
 
 
+class PortInUse(VMLaunchError):
+    """QEMU could not bind its SSH forward port: another process took it first."""
+
+
 class BootTimeout(VMError):
     """A guest did not become ready before its deadline."""
 

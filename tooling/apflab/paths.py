@@ -2,6 +2,8 @@
 
 * cache — built images and kernels, keyed by input hash (``APFLAB_CACHE``,
   default ``~/.cache/apflab``; the Makefile points it at ``<repo>/.cache``).
+* kernel cache — built guest/host kernels (:mod:`apflab.kernel`): machine-wide,
+  outside any clone, so later runs and CI on the same machine reuse them.
 * runtime root — per-run scratch dirs (QMP sockets, overlays, keys) and the
   run-state records that ``apflab cleanup`` reads (``APFLAB_RUNTIME``, default
   ``/var/tmp/apflab``).  Everything under it belongs to a run and is removed by
@@ -10,9 +12,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import os
 import secrets
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -64,3 +70,25 @@ def default_guest_cpus() -> int:
     runs (docs/calibration.md).
     """
     return 1 if in_lab() else 2
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_path`` (created if needed) for the block:
+    two processes building one cache entry do it one after the other."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file's content, hex."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -14,6 +14,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from apflab.errors import CommandError
 
@@ -57,6 +58,13 @@ class CmdResult:
         if not self.ok:
             raise CommandError(self.describe(), self)
         return self
+
+
+class Runner(Protocol):
+    """Anything that runs an argv and returns a :class:`CmdResult`: a guest over
+    SSH (:meth:`apflab.vm.qemu.Guest.run`), or L1 (:meth:`apflab.lab.l1.Lab.run`)."""
+
+    def run(self, argv: Sequence[str], **kwargs: Any) -> CmdResult: ...
 
 
 def run(

@@ -8,7 +8,7 @@ runner), ``apflab cleanup`` can still undo exactly what that run changed.
 
 Usage, the pattern every module follows::
 
-    with UndoStack.open("run-1234") as undo:
+    with UndoStack("run-1234") as undo:
         path = make_scratch_dir()
         undo.push(RemoveTree(str(path)))
         ...
@@ -16,6 +16,12 @@ Usage, the pattern every module follows::
 Undo runs on normal exit, on exceptions (including the ones our SIGTERM/SIGINT
 handlers raise) and on timeouts raised as exceptions.  Actions are idempotent:
 undoing something already gone is fine.
+
+Action kinds register themselves when their module is imported (a subclass
+with a ``kind``): the generic ones live here, the host ones next to the code
+that makes the change (:mod:`apflab.host.cgroup`, :mod:`apflab.host.swap`,
+:mod:`apflab.host.tracefs`).  This module imports none of them: whoever
+replays a record (``apflab cleanup``) imports the host package first.
 """
 
 from __future__ import annotations
@@ -67,21 +73,16 @@ class Action:
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> Action:
-        _import_action_modules()
         kind = data.get("kind", "")
         cls = _KINDS.get(kind)
         if cls is None:
-            raise HostError(f"unknown undo action kind {kind!r} in a run-state record")
+            known = ", ".join(sorted(_KINDS))
+            raise HostError(
+                f"unknown undo action kind {kind!r} in a run-state record (known: {known}); "
+                "import the module that defines it (apflab.host.leftovers imports them all)"
+            )
         fields = {k: v for k, v in data.items() if k != "kind"}
         return cls(**fields)
-
-
-def _import_action_modules() -> None:
-    # Action kinds defined next to the code that makes the change register on import.
-    # Imported lazily: those modules import this one.
-    import apflab.host.cgroup  # noqa: PLC0415
-    import apflab.host.swap  # noqa: PLC0415
-    import apflab.host.tracefs  # noqa: F401, PLC0415
 
 
 def process_start_time(pid: int) -> int | None:
@@ -198,10 +199,6 @@ class UndoStack:
         self._closed = False
         self._failed: list[Action] = []
         self._owner: tuple[int, int | None] = (os.getpid(), None)
-
-    @classmethod
-    def open(cls, run_id: str, state_dir: Path | None = None) -> UndoStack:
-        return cls(run_id, state_dir)
 
     # -- recording ---------------------------------------------------------
     def push(self, action: Action) -> Action:

@@ -22,7 +22,8 @@ Only the events the analysis needs become :class:`Event` s; every other line
 parse are counted apart as *malformed* (a truncated last line of ``trace_pipe``,
 or a kernel whose event format changed).
 
-Speed: one ``str.partition`` / ``str.rsplit`` fast path per line and one
+Speed: three ``str.partition`` calls per line, a cache of the ``comm-pid [cpu]
+flags`` prefix, one small parser per event (looked up by name) and one
 :class:`Event` tuple per event; a precompiled regular expression is only the
 fallback for unusual layouts.  ``apflab bench`` measures it.
 """
@@ -33,7 +34,7 @@ import gzip
 import io
 import lzma
 import re
-from collections.abc import Generator, Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -104,16 +105,6 @@ class ParseStats:
     first_malformed: str | None = None
 
 
-# event name after "kvm_" → kind
-_EVENTS: dict[str, Kind] = {
-    "async_pf_not_present": Kind.NOT_PRESENT,
-    "async_pf_ready": Kind.READY,
-    "async_pf_completed": Kind.COMPLETED,
-    "async_pf_repeated_fault": Kind.REPEATED_FAULT,
-    "try_async_get_page": Kind.TRY_GET_PAGE,
-    "msr": Kind.ACK,
-    "inj_exception": Kind.PF,
-}
 _MARKER_SEP = ": tracing_mark_write: "
 _NP, _READY, _COMPLETED = Kind.NOT_PRESENT, Kind.READY, Kind.COMPLETED
 _ACK, _PF, _PF_RE, _MARK = Kind.ACK, Kind.PF, Kind.PF_REINJECTED, Kind.MARKER
@@ -155,53 +146,89 @@ def _prefix(prefix: str) -> tuple[int, int] | None:
     return (int(m["pid"]), int(m["cpu"])) if m else None
 
 
-def _build(kind: Kind, ts_us: int, pid: int, cpu: int, args: str) -> Event | None:
-    """A handled event's arguments → :class:`Event`; None when it is not one we keep.
+# -- the arguments of each event we keep ------------------------------------------------
+# Each takes the time, pid and CPU of the line and the text after "kvm_<event>: ", and
+# returns the Event, or None when the line is not one the analysis uses (another MSR,
+# another exception).  Malformed arguments raise ValueError or IndexError.
+_ArgsParser = Callable[[int, int, int, str], Event | None]
 
-    :raises ValueError: the arguments do not have the expected form
-    :raises IndexError: likewise
-    """
-    if kind is _NP or kind is _READY:
+
+def _token_and_gva(kind: Kind) -> _ArgsParser:
+    def parse(ts_us: int, pid: int, cpu: int, args: str) -> Event:
         # "token 0x1001 gva 0x177fd000"
         a = args.split()
         if a[0] != "token" or a[2] != "gva":
             raise ValueError(args)
         return _new_event(Event, (ts_us, pid, cpu, kind, int(a[1], 16), int(a[3], 16)))
-    if kind is _COMPLETED:
-        # "gva 0x177fd000 address 0x7f70635fd000"
-        if args[:4] != "gva ":
-            raise ValueError(args)
-        return _new_event(
-            Event, (ts_us, pid, cpu, kind, NO_TOKEN, int(args[4:].partition(" ")[0], 16))
-        )
-    if kind is _ACK:
-        # "msr_write 4b564d07 = 0x1" (+ " (#GP)" when the write faulted: not an ACK)
-        if not args.startswith("msr_write 4b564d07 "):
-            return None
-        a = args.split()
-        if len(a) == 4 and int(a[3], 16) & 1:
-            return _new_event(Event, (ts_us, pid, cpu, kind, NO_TOKEN, 0))
-        return None
-    if kind is _PF:
-        # "#PF (0x0)" or "#PF (0x0) [reinjected]"
-        if args[:3] != "#PF":
-            return None
-        k = _PF_RE if "[reinjected]" in args else _PF
-        return _new_event(Event, (ts_us, pid, cpu, k, NO_TOKEN, 0))
-    # "gva = 0x177fd000, gfn = 0x177fd"
-    if args[:6] != "gva = ":
+
+    return parse
+
+
+def _completed(ts_us: int, pid: int, cpu: int, args: str) -> Event:
+    # "gva 0x177fd000 address 0x7f70635fd000"
+    if args[:4] != "gva ":
         raise ValueError(args)
-    return _new_event(Event, (ts_us, pid, cpu, kind, NO_TOKEN, int(args[6:].partition(",")[0], 16)))
+    gva = int(args[4:].partition(" ")[0], 16)
+    return _new_event(Event, (ts_us, pid, cpu, _COMPLETED, NO_TOKEN, gva))
+
+
+def _gva_and_gfn(kind: Kind) -> _ArgsParser:
+    def parse(ts_us: int, pid: int, cpu: int, args: str) -> Event:
+        # "gva = 0x177fd000, gfn = 0x177fd"
+        if args[:6] != "gva = ":
+            raise ValueError(args)
+        gva = int(args[6:].partition(",")[0], 16)
+        return _new_event(Event, (ts_us, pid, cpu, kind, NO_TOKEN, gva))
+
+    return parse
+
+
+def _msr(ts_us: int, pid: int, cpu: int, args: str) -> Event | None:
+    # "msr_write 4b564d07 = 0x1" (+ " (#GP)" when the write faulted: not an ACK)
+    if not args.startswith("msr_write 4b564d07 "):
+        return None
+    a = args.split()
+    if len(a) == 4 and int(a[3], 16) & 1:
+        return _new_event(Event, (ts_us, pid, cpu, _ACK, NO_TOKEN, 0))
+    return None
+
+
+def _exception(ts_us: int, pid: int, cpu: int, args: str) -> Event | None:
+    # "#PF (0x0)" or "#PF (0x0) [reinjected]"
+    if args[:3] != "#PF":
+        return None
+    kind = _PF_RE if "[reinjected]" in args else _PF
+    return _new_event(Event, (ts_us, pid, cpu, kind, NO_TOKEN, 0))
+
+
+#: event name after "kvm_" → the parser of its arguments
+_ARGS: dict[str, _ArgsParser] = {
+    "async_pf_not_present": _token_and_gva(_NP),
+    "async_pf_ready": _token_and_gva(_READY),
+    "async_pf_completed": _completed,
+    "async_pf_repeated_fault": _gva_and_gfn(Kind.REPEATED_FAULT),
+    "try_async_get_page": _gva_and_gfn(Kind.TRY_GET_PAGE),
+    "msr": _msr,
+    "inj_exception": _exception,
+}
 
 
 def _parse_slow(line: str) -> Event | None:
     m = _LINE_RE.match(line.rstrip("\n"))
     if m is None or not m["event"].startswith("kvm_"):
         return None
-    kind = _EVENTS.get(m["event"][4:])
-    if kind is None:
+    parse_args = _ARGS.get(m["event"][4:])
+    if parse_args is None:
         return None
-    return _build(kind, _ts_us(m["ts"]), int(m["pid"]), int(m["cpu"]), m["args"])
+    return parse_args(_ts_us(m["ts"]), int(m["pid"]), int(m["cpu"]), m["args"])
+
+
+def _parse_fallback(line: str) -> Event | None:
+    """:func:`_parse_slow`, None for a line it cannot parse either."""
+    try:
+        return _parse_slow(line)
+    except (IndexError, ValueError):
+        return None
 
 
 def _parse_marker(line: str) -> Event | None:
@@ -218,6 +245,10 @@ def _parse_marker(line: str) -> Event | None:
         return None
 
 
+def _is_header(line: str) -> bool:
+    return not line.strip() or line.lstrip().startswith("#")
+
+
 def parse_line(line: str) -> Event | None:
     """Parse one trace line.
 
@@ -230,26 +261,32 @@ def parse_line(line: str) -> Event | None:
     if not sep:
         return _parse_marker(line)
     name, sep2, args = tail.partition(": ")
-    kind = _EVENTS.get(name)
-    if kind is None or not sep2:
+    parse_args = _ARGS.get(name)
+    if parse_args is None or not sep2:
         return None
     prefix, _, ts = head.rpartition(" ")
     pc = _prefix(prefix)
     try:
         if pc is None:
             raise ValueError(line)
-        return _build(kind, _ts_us(ts), pc[0], pc[1], args)
+        return parse_args(_ts_us(ts), pc[0], pc[1], args)
     except (IndexError, ValueError):
-        try:
-            slow = _parse_slow(line)
-        except (IndexError, ValueError):
-            slow = None
+        slow = _parse_fallback(line)
         if slow is None:
             raise ValueError(f"malformed kvm_{name} line: {line.rstrip()!r}") from None
         return slow
 
 
-def iter_events(  # noqa: PLR0912, PLR0915  (the hot loop is inlined on purpose)
+def _remember_prefix(
+    cache: dict[str, tuple[int, int] | None], prefix: str
+) -> tuple[int, int] | None:
+    if len(cache) >= _PREFIX_CACHE_MAX:
+        cache.clear()
+    pc = cache[prefix] = _prefix(prefix)
+    return pc
+
+
+def iter_events(
     lines: Iterable[str], stats: ParseStats | None = None
 ) -> Generator[Event, None, None]:
     """Yield the :class:`Event` of every line that is one, in input order.
@@ -260,14 +297,11 @@ def iter_events(  # noqa: PLR0912, PLR0915  (the hot loop is inlined on purpose)
     :param lines: trace text lines (a file from :func:`open_trace`, a list, ...)
     :param stats: counters to fill in; optional
     """
-    st = stats if stats is not None else ParseStats()
-    # The hot loop: parse_line inlined, plus a cache of the "comm-pid [cpu] flags"
+    stats = stats if stats is not None else ParseStats()
+    # The hot loop: parse_line's steps, plus a cache of the "comm-pid [cpu] flags"
     # prefix → (pid, cpu) (a handful of distinct threads write a trace: this halves
     # the per-line cost).  Counters live in locals, flushed once (also on early stop).
-    events = _EVENTS
-    build = _build
-    new = _new_event
-    np_, ready_, completed_, pf_, pf_re = _NP, _READY, _COMPLETED, _PF, _PF_RE
+    parsers = _ARGS
     cache: dict[str, tuple[int, int] | None] = {}
     n = header = unparsed = malformed = 0
     try:
@@ -275,66 +309,42 @@ def iter_events(  # noqa: PLR0912, PLR0915  (the hot loop is inlined on purpose)
             n += 1
             head, sep, tail = line.partition(": kvm_")
             if not sep:
-                if not line.strip() or line.lstrip().startswith("#"):
+                if _is_header(line):
                     header += 1
-                    continue
-                marker = _parse_marker(line)
-                if marker is None:
+                elif (marker := _parse_marker(line)) is not None:
+                    yield marker
+                else:
                     unparsed += 1
-                    continue
-                yield marker
                 continue
             name, sep2, args = tail.partition(": ")
-            kind = events.get(name)
-            if kind is None or not sep2:
+            parse_args = parsers.get(name)
+            if parse_args is None or not sep2:
                 unparsed += 1
                 continue
-            sp = head.rfind(" ")
-            prefix = head[:sp]
-            pc = cache.get(prefix)
-            if pc is None:
-                if len(cache) >= _PREFIX_CACHE_MAX:
-                    cache.clear()
-                pc = cache[prefix] = _prefix(prefix)
-            ev: Event | None
+            prefix, _, ts = head.rpartition(" ")
+            pc = cache.get(prefix) or _remember_prefix(cache, prefix)
             try:
                 if pc is None:
                     raise ValueError(line)
-                ts = head[sp + 1 :]
                 t = int(ts.replace(".", "")) if ts[-7:-6] == "." else _ts_us(ts)
-                if kind is np_ or kind is ready_:
-                    a = args.split()
-                    if a[0] != "token" or a[2] != "gva":
-                        raise ValueError(args)
-                    ev = new(Event, (t, pc[0], pc[1], kind, int(a[1], 16), int(a[3], 16)))
-                elif kind is pf_ and args[:4] == "#PF ":
-                    k = pf_re if "[reinjected]" in args else pf_
-                    ev = new(Event, (t, pc[0], pc[1], k, NO_TOKEN, 0))
-                elif kind is completed_ and args[:4] == "gva ":
-                    gva = int(args[4 : args.index(" ", 4)], 16)
-                    ev = new(Event, (t, pc[0], pc[1], kind, NO_TOKEN, gva))
-                else:
-                    ev = build(kind, t, pc[0], pc[1], args)
+                ev = parse_args(t, pc[0], pc[1], args)
             except (IndexError, ValueError):
-                try:
-                    ev = _parse_slow(line)
-                except (IndexError, ValueError):
-                    ev = None
+                ev = _parse_fallback(line)
                 if ev is None:
                     malformed += 1
-                    if st.first_malformed is None:
-                        st.first_malformed = line.rstrip("\n")
+                    if stats.first_malformed is None:
+                        stats.first_malformed = line.rstrip("\n")
                     continue
             if ev is None:
                 unparsed += 1
                 continue
             yield ev
     finally:
-        st.lines += n
-        st.header += header
-        st.malformed += malformed
-        st.unparsed += unparsed + malformed
-        st.events += n - header - unparsed - malformed
+        stats.lines += n
+        stats.header += header
+        stats.malformed += malformed
+        stats.unparsed += unparsed + malformed
+        stats.events += n - header - unparsed - malformed
 
 
 def open_trace(path: str | Path) -> TextIO:

@@ -41,7 +41,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from apflab.analysis.lifecycle import METRICS, Analysis, Invariant, analyze
+from apflab.analysis.analyzer import analyze
+from apflab.analysis.model import METRICS, Analysis, Invariant
 
 PASS, FAIL, INVALID, ERROR = "PASS", "FAIL", "INVALID", "ERROR"
 #: Invariant names computed here from outside evidence (the rest come from the trace).
@@ -76,7 +77,7 @@ class Thresholds:
     :ivar latency_max_us: max bound per metric (µs)
     :ivar grace_s: a token outstanding / a ready un-ACKed at the end of the trace
         for longer than this breaks its invariant (pass :attr:`grace_us` to
-        :func:`~apflab.analysis.lifecycle.analyze`)
+        :func:`~apflab.analysis.analyzer.analyze`)
     :ivar stall_s: a token outstanding longer than this is a stall (FAIL even if
         the workload finished)
     :ivar min_async_pf: fewer not_present events make the run INVALID (too little
@@ -245,7 +246,26 @@ def _evidence_invariants(
     return out, missing
 
 
+def _error_findings(analysis: Analysis | None, ev: Evidence) -> list[str]:
+    """Precedence 1: infrastructure faults, or no trace at all."""
+    errors = [f"infrastructure: {e}" for e in ev.errors]
+    if analysis is None and not errors:
+        errors.append("no trace to analyse")
+    return errors
+
+
+def _loss_findings(ev: Evidence) -> list[str]:
+    """Precedence 2: the tracer lost events (or nobody read its counters)."""
+    if ev.lost_events is None:
+        return ["trace loss unknown: the tracer's overrun/dropped counters were not read"]
+    if ev.lost_events > 0:
+        return [f"{ev.lost_events} trace events lost (buffer overrun): trace incomplete"]
+    return []
+
+
 def _stall(analysis: Analysis, ev: Evidence, th: Thresholds) -> str | None:
+    """Precedence 3: page-readies never delivered (the deadline passed with tokens
+    outstanding, or one is older than the stall threshold)."""
     outs = analysis.outstanding_at_end
     if not outs:
         return None
@@ -268,7 +288,49 @@ def _stall(analysis: Analysis, ev: Evidence, th: Thresholds) -> str | None:
     return f"{reason} ({why})" if why else reason
 
 
+def _invariant_findings(invariants: Mapping[str, Invariant], ev: Evidence) -> list[str]:
+    """Precedence 4: violated invariants (one that could not be evaluated is not
+    violated: it makes the run INVALID instead)."""
+    return [
+        f"invariant {name} failed: {inv.detail}"
+        for name, inv in invariants.items()
+        if not (inv.ok or (name == HYP_INVARIANT and ev.hyp_delta is None))
+    ]
+
+
+def _invalid_findings(
+    analysis: Analysis, ev: Evidence, th: Thresholds, missing: list[str], stalled: bool
+) -> list[str]:
+    """Precedence 5: the run did not test what it should, or evidence is missing."""
+    invalid: list[str] = []
+    if ev.guest_reset and ev.in_lab and not ev.guest_faults:
+        invalid.append(
+            "the guest reset during the workload with no kernel message: a known failure "
+            "of the nested lab (TCG nested SVM), not evidence about the kernel; rerun"
+        )
+    if ev.apf_enabled is None:
+        invalid.append("unknown whether async PF was enabled in the guest")
+    elif not ev.apf_enabled:
+        invalid.append("async PF was not enabled in the guest: nothing was tested")
+    if ev.swapped is None:
+        invalid.append("host swap-out unknown")
+    elif not ev.swapped:
+        invalid.append("the host did not swap the guest out: no async PF pressure")
+    if analysis.async_pfs < th.min_async_pf:
+        invalid.append(
+            f"only {analysis.async_pfs} async PFs (< {th.min_async_pf}): too little to judge"
+        )
+    if not ev.workload_completed and not stalled:
+        if ev.deadline_passed:
+            invalid.append("the workload missed its deadline with no page-ready outstanding")
+        else:
+            invalid.append("the workload did not complete")
+    invalid.extend(f"incomplete evidence: {m}" for m in missing)
+    return invalid
+
+
 def _latency_failures(analysis: Analysis, th: Thresholds) -> list[str]:
+    """Precedence 6: p99 and max latency bounds."""
     out = []
     for metric in METRICS:
         h = analysis.latency[metric]
@@ -285,9 +347,7 @@ def _latency_failures(analysis: Analysis, th: Thresholds) -> list[str]:
     return out
 
 
-def judge(  # noqa: PLR0912  (the precedence reads best as one list of rules)
-    analysis: Analysis | None, evidence: Evidence, thresholds: Thresholds
-) -> Verdict:
+def judge(analysis: Analysis | None, evidence: Evidence, thresholds: Thresholds) -> Verdict:
     """Apply the precedence of the module doc.
 
     :param analysis: the trace analysis; None when there is no trace (ERROR)
@@ -296,53 +356,19 @@ def judge(  # noqa: PLR0912  (the precedence reads best as one list of rules)
     invariants: dict[str, Invariant] = dict(analysis.invariants) if analysis else {}
     extra, missing = _evidence_invariants(analysis, ev, th)
     invariants.update(extra)
-    errors = [f"infrastructure: {e}" for e in ev.errors]
-    if analysis is None and not errors:
-        errors.append("no trace to analyse")
-    lost: list[str] = []
-    if ev.lost_events is None:
-        lost.append("trace loss unknown: the tracer's overrun/dropped counters were not read")
-    elif ev.lost_events > 0:
-        lost.append(f"{ev.lost_events} trace events lost (buffer overrun): trace incomplete")
     stall: list[str] = []
     failed_inv: list[str] = []
     invalid: list[str] = []
     slow: list[str] = []
     if analysis is not None:
         s = _stall(analysis, ev, th)
-        if s:
-            stall.append(s)
-        for name, inv in invariants.items():
-            if inv.ok or (name == HYP_INVARIANT and ev.hyp_delta is None):
-                continue
-            failed_inv.append(f"invariant {name} failed: {inv.detail}")
-        if ev.guest_reset and ev.in_lab and not ev.guest_faults:
-            invalid.append(
-                "the guest reset during the workload with no kernel message: a known failure "
-                "of the nested lab (TCG nested SVM), not evidence about the kernel; rerun"
-            )
-        if ev.apf_enabled is None:
-            invalid.append("unknown whether async PF was enabled in the guest")
-        elif not ev.apf_enabled:
-            invalid.append("async PF was not enabled in the guest: nothing was tested")
-        if ev.swapped is None:
-            invalid.append("host swap-out unknown")
-        elif not ev.swapped:
-            invalid.append("the host did not swap the guest out: no async PF pressure")
-        if analysis.async_pfs < th.min_async_pf:
-            invalid.append(
-                f"only {analysis.async_pfs} async PFs (< {th.min_async_pf}): too little to judge"
-            )
-        if not ev.workload_completed and not stall:
-            if ev.deadline_passed:
-                invalid.append("the workload missed its deadline with no page-ready outstanding")
-            else:
-                invalid.append("the workload did not complete")
-        invalid.extend(f"incomplete evidence: {m}" for m in missing)
+        stall = [s] if s else []
+        failed_inv = _invariant_findings(invariants, ev)
+        invalid = _invalid_findings(analysis, ev, th, missing, stalled=bool(stall))
         slow = _latency_failures(analysis, th)
     order = (
-        (ERROR, errors),
-        (INVALID, lost),
+        (ERROR, _error_findings(analysis, ev)),
+        (INVALID, _loss_findings(ev)),
         (FAIL, stall),
         (FAIL, failed_inv),
         (INVALID, invalid),

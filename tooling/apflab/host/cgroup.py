@@ -24,23 +24,13 @@ from pathlib import Path
 from typing import ClassVar
 
 from apflab.errors import HostError, PreflightError
+from apflab.host.procfs import parse_flat_keyed
 from apflab.undo import Action, UndoStack
 
 log = logging.getLogger(__name__)
 
 
 # -- parsers (pure) ----------------------------------------------------------
-def parse_flat_keyed(text: str) -> dict[str, int]:
-    """Parse ``key value`` lines (memory.stat, memory.events, /proc/vmstat)."""
-    out: dict[str, int] = {}
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) == 2:
-            with contextlib.suppress(ValueError):
-                out[parts[0]] = int(parts[1])
-    return out
-
-
 @dataclass(frozen=True)
 class Mount:
     mountpoint: str

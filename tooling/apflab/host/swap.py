@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import ClassVar
 
 from apflab.errors import HostError, PreflightError
-from apflab.host.cgroup import parse_flat_keyed
 from apflab.process import run
 from apflab.undo import Action, RemoveTree, UndoStack
 
@@ -112,7 +111,3 @@ def add_swap_device(device: str, undo: UndoStack, priority: int = 100) -> SwapAr
     if not Path(device).exists():
         raise PreflightError(f"swap device {device} does not exist")
     return _activate(os.path.realpath(device), priority, undo)
-
-
-def vmstat() -> dict[str, int]:
-    return parse_flat_keyed(Path("/proc/vmstat").read_text())

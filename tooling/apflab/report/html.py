@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from apflab.analysis.lifecycle import METRICS, Analysis
+from apflab.analysis.model import METRICS, Analysis
 from apflab.errors import AnalysisError
 from apflab.report import plots
 

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from apflab.analysis.lifecycle import Timeline
+    from apflab.analysis.model import Timeline
 
 _DPI = 96
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import shlex
 import socket
 import subprocess
@@ -35,21 +34,23 @@ from typing import Any
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from apflab import paths
-from apflab.errors import BootTimeout, GuestPanic, SSHError, VMError, VMLaunchError
+from apflab.errors import (
+    BootTimeout,
+    GuestPanic,
+    PortInUse,
+    SSHError,
+    VMError,
+    VMLaunchError,
+)
 from apflab.host import kvm
 from apflab.process import CmdResult, run
+from apflab.retry import POLICIES, Retrier
 from apflab.undo import KillProcess, RemoveEmptyDir, RemoveTree, UndoStack, process_start_time
 from apflab.vm import keys
+from apflab.vm.console import ConsoleWatch, tail
 from apflab.vm.ssh import SSH, banner_ready
 
 log = logging.getLogger(__name__)
-
-# Console lines that end a boot at once: the kernel will not recover from these.
-PANIC_PATTERNS = (
-    re.compile(r"Kernel panic - not syncing.*"),
-    re.compile(r"BUG: .*"),
-    re.compile(r"general protection fault.*"),
-)
 
 FW_CFG_KEYS = "opt/apflab/authorized_keys"
 
@@ -104,9 +105,9 @@ class GuestConfig:
     #: a booting guest whose console stays silent this long is stuck (seen in
     #: the nested lab: an L2 kernel stopping after its ACPI lines)
     console_silence_timeout: float = 120.0
-    #: boots tried before giving up (a stuck or panicked boot is retried; every
-    #: attempt's console is kept as <name>-console.attemptN.log)
-    boot_attempts: int = 2
+    #: retry a stuck or panicked boot (the ``guest-boot`` policy of
+    #: :mod:`apflab.retry`); False for L1, which the ``lab`` policy retries whole
+    retry_boot: bool = True
     shutdown_timeout: float = 30.0
     shutdown_method: str = "quit"  # or "powerdown" (ACPI) — both fall back to SIGKILL
     qemu_binary: str = "qemu-system-x86_64"
@@ -137,70 +138,6 @@ def choose_accel(requested: str | None) -> tuple[str, str]:
     if info.usable:
         return "kvm", f"accelerator kvm: {info.reason}"
     return "tcg", f"accelerator tcg (software emulation): {info.reason}"
-
-
-class ConsoleWatch:
-    """Reads a growing console log incrementally and spots fatal lines."""
-
-    def __init__(self, path: Path, layer: str) -> None:
-        self.path = path
-        self.layer = layer
-        self._offset = 0
-        self._partial = ""
-        self.last_growth = time.monotonic()
-        self.last_line = ""
-
-    def poll(self) -> list[str]:
-        """Return complete new lines; raise :class:`GuestPanic` on a fatal one."""
-        try:
-            with self.path.open("rb") as f:
-                f.seek(self._offset)
-                data = f.read()
-        except FileNotFoundError:
-            return []
-        self._offset += len(data)
-        if data:
-            self.last_growth = time.monotonic()
-        text = self._partial + data.decode(errors="replace").replace("\r", "")
-        lines = text.split("\n")
-        self._partial = lines.pop()
-        for line in reversed(lines):
-            if line.strip():
-                self.last_line = line.strip()
-                break
-        for line in lines:
-            for pat in PANIC_PATTERNS:
-                m = pat.search(line)
-                if m:
-                    raise GuestPanic(
-                        f"{self.layer}: kernel reported a fatal error on its console: "
-                        f"{m.group(0).strip()} (see {self.path})",
-                        self.layer,
-                        m.group(0).strip(),
-                    )
-        return lines
-
-
-def console_faults(path: Path) -> list[str]:
-    """Fatal kernel lines (panic, BUG, GP fault) in a console log, one each."""
-    try:
-        text = path.read_text(errors="replace").replace("\r", "")
-    except OSError:
-        return []
-    return [
-        m.group(0).strip()
-        for line in text.splitlines()
-        for pat in PANIC_PATTERNS
-        if (m := pat.search(line))
-    ]
-
-
-def tail(path: Path, lines: int = 20) -> str:
-    try:
-        data = path.read_bytes()[-16384:].decode(errors="replace").replace("\r", "")
-    except OSError:
-        return ""
-    return "\n".join(data.splitlines()[-lines:])
 
 
 class Guest:
@@ -244,7 +181,9 @@ class Guest:
         self.client_key_path: Path | None = None
         self.launched_at = 0.0
         self.boot_seconds: float | None = None
-        self.boot_failures: list[str] = []
+        self.boot_retries = Retrier(
+            POLICIES["guest-boot"], (BootTimeout, GuestPanic) if config.retry_boot else ()
+        )
         self.exitcode: int | None = None
 
     # -- public surface ----------------------------------------------------
@@ -326,30 +265,25 @@ class Guest:
         return self
 
     def start(self) -> None:
-        """Launch and wait until ready, retrying a boot that got stuck or panicked.
+        """Launch and wait until ready, under the ``guest-boot`` retry policy
+        (:mod:`apflab.retry`) when ``config.retry_boot``: a boot that got stuck
+        or panicked is tried again; every failed attempt is logged, kept in
+        :attr:`boot_retries`, and its console log kept apart
+        (``<name>-console.attemptN.log``)."""
 
-        Up to ``config.boot_attempts`` boots; each failed attempt is logged,
-        kept in :attr:`boot_failures`, and its console log kept apart.
-        """
-        attempts = max(1, self.config.boot_attempts)
-        for attempt in range(1, attempts + 1):
+        def attempt(number: int) -> None:
             self.launch()
-            try:
-                self.wait_ready()
-                return
-            except (BootTimeout, GuestPanic) as err:
-                if attempt == attempts:
-                    raise
-                summary = str(err).splitlines()[0]
-                self.boot_failures.append(summary)
-                log.warning(
-                    "%s: boot attempt %d failed (%s); retrying", self.name, attempt, summary
-                )
-                self.shutdown()
-                kept = self.console_log.with_name(
-                    self.console_log.name.replace(".log", f".attempt{attempt}.log")
-                )
-                self.console_log.replace(kept)
+            self.wait_ready()
+
+        def set_aside(err: BaseException) -> None:
+            self.shutdown()
+            number = len(self.boot_retries.attempts)
+            kept = self.console_log.with_name(
+                self.console_log.name.replace(".log", f".attempt{number}.log")
+            )
+            self.console_log.replace(kept)
+
+        self.boot_retries.run(attempt, between=set_aside)
 
     def __exit__(
         self,
@@ -360,24 +294,26 @@ class Guest:
         self.shutdown()
 
     def launch(self) -> None:
-        """Start QEMU and complete the QMP handshake (does not wait for boot)."""
+        """Start QEMU and complete the QMP handshake (does not wait for boot).
+
+        A forward port taken between choosing it and QEMU binding it is retried
+        with a fresh port (the ``qemu-port`` policy of :mod:`apflab.retry`).
+        """
         self._mark = len(self.undo)
         log.info("%s: %s", self.name, self.accel_reason)
         self._pre_launch()
-        for attempt in range(3):
+
+        def spawn(number: int) -> None:
             self.ssh_port = free_tcp_port()
             self.argv = self._build_argv()
             self._spawn()
-            try:
-                self._post_launch()
-                return
-            except VMLaunchError as err:
-                if "host forwarding" in err.console_tail and attempt < 2:
-                    log.warning("%s: port %d was taken; retrying", self.name, self.ssh_port)
-                    self._reset_qmp()
-                    self._wait_or_kill()
-                    continue
-                raise
+            self._post_launch()
+
+        def reap(err: BaseException) -> None:
+            self._reset_qmp()
+            self._wait_or_kill()
+
+        Retrier(POLICIES["qemu-port"], (PortInUse,)).run(spawn, between=reap)
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until SSH login works, watching the console for panics.
@@ -613,11 +549,13 @@ class Guest:
                 time.sleep(0.1)
                 if self._proc.poll() is not None:
                     self.exitcode = self._proc.returncode
-                    raise VMLaunchError(
+                    log_tail = tail(self.qemu_log, 10) + "\n" + tail(self.console_log, 10)
+                    cls = PortInUse if "host forwarding" in log_tail else VMLaunchError
+                    raise cls(
                         f"{self.name}: QEMU exited during launch",
                         self.argv,
                         self.exitcode,
-                        tail(self.qemu_log, 10) + "\n" + tail(self.console_log, 10),
+                        log_tail,
                     ) from err
                 if time.monotonic() > deadline:
                     raise VMLaunchError(

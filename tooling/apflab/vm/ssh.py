@@ -141,31 +141,7 @@ class SSH:
             chan.shutdown_write()
         except (paramiko.SSHException, OSError, EOFError) as err:
             raise SSHError(f"{self.name}: cannot start `{command}`: {err}") from err
-        streams: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
-
-        def result_with(status: int) -> CmdResult:
-            return CmdResult(
-                tuple(argv),
-                status,
-                b"".join(streams["stdout"]).decode(errors="replace"),
-                b"".join(streams["stderr"]).decode(errors="replace"),
-                time.monotonic() - start,
-            )
-
-        def drain() -> bool:
-            got = False
-            for name, ready, recv in (
-                ("stdout", chan.recv_ready, chan.recv),
-                ("stderr", chan.recv_stderr_ready, chan.recv_stderr),
-            ):
-                if ready():
-                    data = recv(65536)
-                    streams[name].append(data)
-                    got = True
-                    if on_output:
-                        on_output(name, data.decode(errors="replace"))
-            return got
-
+        out = _Output(tuple(argv), start, on_output)
         deadline = None if timeout is None else start + timeout
         chan.settimeout(0.2)
         next_watch = time.monotonic() + 1.0
@@ -174,12 +150,12 @@ class SSH:
                 if watch is not None and time.monotonic() >= next_watch:
                     next_watch = time.monotonic() + 1.0
                     watch()
-                got = drain()
-                if not got and chan.exit_status_ready() and not drain():
+                got = out.drain(chan)
+                if not got and chan.exit_status_ready() and not out.drain(chan):
                     break
                 if deadline is not None and time.monotonic() > deadline:
                     chan.close()
-                    timed_out = result_with(-1)
+                    timed_out = out.result(-1)
                     raise CommandError(
                         f"{self.name}: timed out after {timeout}s: {timed_out.describe()}",
                         timed_out,
@@ -191,7 +167,7 @@ class SSH:
             raise SSHError(f"{self.name}: connection lost during `{command}`: {exc}") from exc
         finally:
             chan.close()
-        result = result_with(status)
+        result = out.result(status)
         return result.check() if check else result
 
     # -- files -------------------------------------------------------------
@@ -237,29 +213,39 @@ class SSH:
             raise SSHError(f"{self.name}: cannot copy tree {remote} to {local}: {err}") from err
         return count
 
-    def put_tree(self, local: Path, remote: str) -> int:
-        """Copy a local directory tree to ``remote``; return the number of files."""
-        count = 0
-        try:
-            with self.client.open_sftp() as sftp:
-                _sftp_mkdir(sftp, remote)
-                for path in sorted(local.rglob("*")):
-                    rel = path.relative_to(local).as_posix()
-                    rpath = f"{remote}/{rel}"
-                    if path.is_dir():
-                        _sftp_mkdir(sftp, rpath)
-                    elif path.is_file():
-                        sftp.put(str(path), rpath)
-                        sftp.chmod(rpath, path.stat().st_mode & 0o777)
-                        count += 1
-        except (paramiko.SSHException, OSError) as err:
-            raise SSHError(f"{self.name}: cannot copy tree {local} to {remote}: {err}") from err
-        return count
 
+class _Output:
+    """What a remote command printed so far, streamed to ``on_output`` as it comes."""
 
-def _sftp_mkdir(sftp: paramiko.SFTPClient, path: str) -> None:
-    try:
-        sftp.mkdir(path)
-    except OSError:
-        if not stat.S_ISDIR(sftp.stat(path).st_mode or 0):
-            raise
+    def __init__(
+        self,
+        argv: tuple[str, ...],
+        start: float,
+        on_output: Callable[[str, str], None] | None,
+    ) -> None:
+        self.argv, self.start, self.on_output = argv, start, on_output
+        self.streams: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
+
+    def drain(self, chan: paramiko.Channel) -> bool:
+        """Read what is ready on both streams; True if anything was."""
+        got = False
+        for name, ready, recv in (
+            ("stdout", chan.recv_ready, chan.recv),
+            ("stderr", chan.recv_stderr_ready, chan.recv_stderr),
+        ):
+            if ready():
+                data = recv(65536)
+                self.streams[name].append(data)
+                got = True
+                if self.on_output:
+                    self.on_output(name, data.decode(errors="replace"))
+        return got
+
+    def result(self, status: int) -> CmdResult:
+        return CmdResult(
+            self.argv,
+            status,
+            b"".join(self.streams["stdout"]).decode(errors="replace"),
+            b"".join(self.streams["stderr"]).decode(errors="replace"),
+            time.monotonic() - self.start,
+        )

@@ -13,7 +13,6 @@ ran, and that fails the check (a skipped check is never counted as a pass).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import subprocess
@@ -23,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from apflab import paths
-from apflab.errors import LabError, SSHError, VMError
+from apflab.errors import LabError, SSHError, UsageError, VMError
 from apflab.host import kvm
-from apflab.lab import ASSETS_MOUNT, L1_RESULTS, Lab, LabConfig
+from apflab.lab.assets import ASSETS_MOUNT, L1_RESULTS
+from apflab.lab.l1 import Lab, LabConfig
+from apflab.retry import POLICIES, Retrier
 from apflab.undo import UndoStack
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def _load(job: Path | None) -> list[dict[str, Any]]:
 def run_host_phase(out: Path, tags: str | None) -> list[dict[str, Any]]:
     repo = paths.repo_root()
     if repo is None:
-        raise SystemExit("check-functional must run from an apflab checkout")
+        raise UsageError("check-functional must run from an apflab checkout")
     avocado = Path(sys.executable).with_name("avocado")
     argv = _avocado_argv(str(out), tags)
     argv[0] = str(avocado)
@@ -78,57 +79,71 @@ def run_host_phase(out: Path, tags: str | None) -> list[dict[str, Any]]:
     return _load(_latest_job(out))
 
 
-#: how many times L1 itself may fail (panic, death) before the lab phase gives up
-MAX_L1_FAILURES = 2
-
-
 def run_lab_phase(out: Path, tags: str | None, notes: list[str]) -> list[dict[str, Any]]:
     """The suite inside L1, one Avocado job per test file.
 
     L1 under TCG is known to panic now and then ("BUG: TASK stack guard page was
     hit ... Comm: CPU n/KVM", shared/lab-notes.md section 2); that says nothing
     about apflab.  When it happens, a fresh L1 is brought up and the interrupted
-    file runs again, at most :data:`MAX_L1_FAILURES` times; every failure is
-    printed and listed in the summary.  Tests never retry their own failures.
+    file runs again, under the ``lab-suite`` retry policy (:mod:`apflab.retry`);
+    every failure is printed and listed in the summary.  Tests never retry
+    their own failures.
     """
     repo = paths.repo_root()
     assert repo is not None
-    pending = sorted(p.relative_to(repo).as_posix() for p in (repo / SUITE).glob("test_*.py"))
+    files = sorted(p.relative_to(repo).as_posix() for p in (repo / SUITE).glob("test_*.py"))
     results: list[dict[str, Any]] = []
-    failures = 0
-    boots = 0
+    retrier = Retrier(POLICIES["lab-suite"], (LabError, VMError, SSHError))
     print("== phase lab: nested KVM lab, then the suite inside L1", flush=True)
     with UndoStack(paths.new_run_id("check-lab")) as undo:
-        lab: Lab | None = None
+        labs = _Labs(out, undo)
         try:
-            while pending:
-                if lab is None:
-                    boots += 1
-                    lab = Lab(LabConfig(), out / f"L1-{boots}", undo)
-                    lab.up()
-                    reason = lab.facts["kvm"]["reason"]
-                    print(
-                        f"   L1 #{boots} up in {lab.timings['l1_boot']:.1f}s: {reason}", flush=True
-                    )
-                job = pending[0]
-                try:
-                    results += _lab_job(lab, job, out, tags)
-                    pending.pop(0)
-                except (LabError, VMError, SSHError) as err:
-                    failures += 1
+            for i, job in enumerate(files):
+
+                def one(number: int, job: str = job) -> list[dict[str, Any]]:
+                    return _lab_job(labs.get(), job, out, tags)
+
+                def note(err: BaseException, job: str = job) -> None:
                     line = str(err).splitlines()[0]
-                    note = f"L1 #{boots} failed during {job}: {line}"
-                    notes.append(note)
-                    print(f"== {note}", flush=True)
-                    lab.down()
-                    lab = None
-                    if failures > MAX_L1_FAILURES:
-                        notes.append(f"gave up after {failures} L1 failures; not run: {pending}")
-                        break
+                    notes.append(f"L1 #{labs.boots} failed during {job}: {line}")
+                    print(f"== {notes[-1]}", flush=True)
+                    labs.drop()
+
+                try:
+                    results += retrier.run(one, between=note)
+                except (LabError, VMError, SSHError) as err:
+                    note(err)
+                    notes.append(
+                        f"gave up after {retrier.failures} L1 failures; not run: {files[i:]}"
+                    )
+                    break
         finally:
-            if lab is not None:
-                lab.down()
+            labs.drop()
     return results
+
+
+class _Labs:
+    """The current L1 of the lab phase, booted when first needed."""
+
+    def __init__(self, out: Path, undo: UndoStack) -> None:
+        self.out, self.undo = out, undo
+        self.lab: Lab | None = None
+        self.boots = 0
+
+    def get(self) -> Lab:
+        if self.lab is None:
+            self.boots += 1
+            lab = Lab(LabConfig(), self.out / f"L1-{self.boots}", self.undo)
+            self.lab = lab
+            lab.up()
+            reason = lab.facts["kvm"]["reason"]
+            print(f"   L1 #{self.boots} up in {lab.timings['l1_boot']:.1f}s: {reason}", flush=True)
+        return self.lab
+
+    def drop(self) -> None:
+        if self.lab is not None:
+            self.lab.down()
+            self.lab = None
 
 
 def _lab_job(lab: Lab, job: str, out: Path, tags: str | None) -> list[dict[str, Any]]:
@@ -180,18 +195,19 @@ def merge(phases: dict[str, list[dict[str, Any]]]) -> tuple[bool, list[str]]:
     return ok, lines
 
 
-def main(args: argparse.Namespace) -> int:
+def check_functional(results: Path, only: str | None = None, tags: str | None = None) -> int:
+    """Both phases (or ``only`` one), their merged summary; 0 when the suite passed."""
     t0 = time.monotonic()
-    root = args.results.resolve() / paths.new_run_id("check")
+    root = results.resolve() / paths.new_run_id("check")
     root.mkdir(parents=True)
     phases: dict[str, list[dict[str, Any]]] = {}
     notes: list[str] = []
     info = kvm.probe()
     print(f"check-functional: results in {root}; {info.reason}", flush=True)
-    if args.only in (None, "host"):
-        phases["host"] = run_host_phase(root / "host", args.tags)
-    if args.only == "lab" or (args.only is None and not info.usable and not paths.in_lab()):
-        phases["lab"] = run_lab_phase(root / "lab", args.tags, notes)
+    if only in (None, "host"):
+        phases["host"] = run_host_phase(root / "host", tags)
+    if only == "lab" or (only is None and not info.usable and not paths.in_lab()):
+        phases["lab"] = run_lab_phase(root / "lab", tags, notes)
     ok, lines = merge(phases)
     lines += [f"note: {n}" for n in notes]
     summary = "\n".join(lines)

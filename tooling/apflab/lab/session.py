@@ -1,25 +1,28 @@
-"""``apflab lab up | run -- CMD | down | status``: a lab that outlives one command.
+"""A lab that outlives one command: ``apflab lab up | run -- CMD | down | status``.
 
-``up`` boots L1 (see :mod:`apflab.lab`), then hands the run-state record to
-the L1 QEMU process (so ``apflab cleanup`` sees the lab as alive and leaves it
-alone) and writes a session file with what ``run`` needs to reach it: the SSH
-port, the per-run client key (in the lab's 0700 run dir) and the pinned host
-key.  ``down`` undoes that record: QEMU stopped, run dir and session removed.
+:func:`bring_up` boots L1 (see :mod:`apflab.lab.l1`), then hands the run-state
+record to the L1 QEMU process (so ``apflab cleanup`` sees the lab as alive and
+leaves it alone) and writes a session file with what :func:`run_command` needs
+to reach it: the SSH port, the per-run client key (in the lab's 0700 run dir)
+and the pinned host key.  :func:`tear_down` undoes that record: QEMU stopped,
+run dir and session removed.  Printing is the command line's job
+(:mod:`apflab.cli.lab`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shlex
-import sys
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from apflab import paths
-from apflab.errors import UsageError
-from apflab.lab import L1_RESULTS, Lab, LabConfig, run_in_lab
+from apflab.errors import LabError, UsageError
+from apflab.lab.assets import L1_RESULTS
+from apflab.lab.l1 import Lab, LabConfig, run_in_lab
+from apflab.retry import POLICIES, Retrier
 from apflab.undo import (
     RemoveTree,
     UndoStack,
@@ -36,6 +39,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LabSession:
+    """How to reach a lab left running by :func:`bring_up`."""
+
     run_id: str
     pid: int
     start_time: int | None
@@ -78,23 +83,28 @@ class LabSession:
         return ssh
 
 
-def up(args: argparse.Namespace) -> int:
+def bring_up(config: LabConfig, log_dir: Path | None = None) -> tuple[LabSession, Lab]:
+    """Boot L1 (the ``lab`` retry policy) and leave it running after we exit.
+
+    :param log_dir: where L1's logs go (default ``results/<lab run id>``)
+    """
     if LabSession.path().exists():
         raise UsageError("a lab is already up: `apflab lab down` first (or `apflab lab status`)")
     run_id = paths.new_run_id("lab")
-    log_dir = (args.log_dir or Path("results") / run_id).resolve()
-    config = LabConfig(
-        memory_mb=args.memory,
-        cpus=args.cpus,
-        accel=args.accel,
-        swap_mb=args.swap,
-        kernels=tuple(args.kernel),
-        detached=True,
-    )
+    log_dir = (log_dir or Path("results") / run_id).resolve()
     undo = UndoStack(run_id)
     try:
-        lab = Lab(config, log_dir, undo)
-        lab.up()
+
+        def boot(number: int) -> Lab:
+            lab = Lab(config, log_dir if number == 1 else log_dir / f"attempt{number}", undo)
+            try:
+                lab.up()
+            except BaseException:
+                lab.down()
+                raise
+            return lab
+
+        lab = Retrier(POLICIES["lab"], (LabError,)).run(boot)
         vm = lab.require_vm()
         assert vm.client_key_path is not None
         session = LabSession(
@@ -113,91 +123,53 @@ def up(args: argparse.Namespace) -> int:
     except BaseException:
         undo.unwind()
         raise
-    kvm = lab.facts.get("kvm", {})
-    print(
-        f"lab up: L1 pid {session.pid}, booted in {lab.timings['l1_boot']:.1f}s; "
-        f"{kvm.get('reason')}; KVM_CAP_ASYNC_PF_INT={kvm.get('async_pf_int')}"
-    )
-    print(f"logs: {log_dir}")
-    print("next: apflab lab run -- apflab doctor    |    apflab lab down")
-    return 0
+    return session, lab
 
 
-def run(args: argparse.Namespace) -> int:
-    cmd = list(args.cmd)
-    if cmd and cmd[0] == "--":
-        cmd = cmd[1:]
-    if not cmd:
-        raise UsageError("nothing to run: apflab lab run -- COMMAND [ARGS...]")
+def run_command(
+    cmd: Sequence[str], results: Path, stream: Callable[[str, str], None]
+) -> tuple[int, list[tuple[str, Path, int]]]:
+    """Run ``cmd`` in the lab, streaming its output; fetch the result dirs it made.
+
+    :return: its exit status, and ``(L1 dir, local dir, files)`` per fetched dir
+    """
     session = LabSession.load()
+    fetched = []
     with session.connect() as ssh:
         before = _result_dirs(ssh)
-
-        def stream(name: str, text: str) -> None:
-            out = sys.stdout if name == "stdout" else sys.stderr
-            out.write(text)
-            out.flush()
-
         log.info("L1$ %s", shlex.join(cmd))
         result = run_in_lab(ssh, cmd, check=False, timeout=None, on_output=stream)
         after = _result_dirs(ssh)
         fresh = sorted(name for name, stamp in after.items() if before.get(name) != stamp)
         for name in fresh:
-            dest = args.results / name
+            dest = results / name
             n = ssh.get_tree(f"{L1_RESULTS}/{name}", dest)
-            print(f"lab: fetched {n} file(s) of {L1_RESULTS}/{name} to {dest}", file=sys.stderr)
-    return result.exit_status
+            fetched.append((f"{L1_RESULTS}/{name}", dest, n))
+    return result.exit_status, fetched
 
 
 def _result_dirs(ssh: SSH) -> dict[str, str]:
     """Result dirs in L1 with their modification stamps."""
     out = ssh.run(
         [
-            "find",
-            L1_RESULTS,
-            "-mindepth",
-            "1",
-            "-maxdepth",
-            "1",
-            "-type",
-            "d",
-            "-printf",
-            "%f %T@\\n",
+            *("find", L1_RESULTS, "-mindepth", "1", "-maxdepth", "1", "-type", "d"),
+            *("-printf", "%f %T@\\n"),
         ],
         check=False,
     ).stdout
     return dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
 
 
-def down(args: argparse.Namespace) -> int:
+def tear_down() -> list[str] | None:
+    """Stop the lab and undo everything it changed; None when no lab was up.
+
+    :return: one line per undone action
+    """
     p = LabSession.path()
     run_id = json.loads(p.read_text())["run_id"] if p.is_file() else None
     runs = [r.run_id for r in list_runs() if r.run_id.startswith("lab-")]
     if run_id is not None and run_id not in runs:
         p.unlink()
     if not runs:
-        print("no lab is up")
-        return 0
-    for rid in runs:
-        for line in cleanup_stale(include_alive=True, only=rid):
-            print(f"undone: {line}")
-    print("lab down")
-    return 0
-
-
-def status(args: argparse.Namespace) -> int:
-    try:
-        session = LabSession.load()
-    except UsageError as err:
-        print(err)
-        return 1
-    print(
-        f"lab up: run {session.run_id}, L1 pid {session.pid}, ssh 127.0.0.1:{session.ssh_port}, "
-        f"logs {session.log_dir}"
-    )
-    return 0
-
-
-def main(args: argparse.Namespace) -> int:
-    handlers = {"up": up, "run": run, "down": down, "status": status}
-    return handlers[args.lab_command](args)
+        return None
+    return [line for rid in runs for line in cleanup_stale(include_alive=True, only=rid)]

@@ -5,6 +5,7 @@
 * :func:`parse_hung_tasks` — "task ... blocked for more than N seconds".
 * :func:`apf_msrs` — MSR_KVM_ASYNC_PF_EN / _INT read through /dev/cpu/N/msr:
   the guest's own word on whether async PF with interrupt delivery is on.
+* :func:`vmstat` — the guest's own fault and swap counters.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
-from apflab.process import CmdResult
+from apflab.host.procfs import parse_flat_keyed
+from apflab.process import Runner
 
 MSR_KVM_ASYNC_PF_EN = 0x4B564D02
 MSR_KVM_ASYNC_PF_INT = 0x4B564D06
@@ -23,10 +24,6 @@ KVM_ASYNC_PF_ENABLED = 1 << 0
 KVM_ASYNC_PF_SEND_ALWAYS = 1 << 1
 KVM_ASYNC_PF_DELIVERY_AS_PF_VMEXIT = 1 << 2
 KVM_ASYNC_PF_DELIVERY_AS_INT = 1 << 3
-
-
-class Runner(Protocol):
-    def run(self, argv: list[str], **kwargs: object) -> CmdResult: ...
 
 
 def parse_interrupts(text: str, label: str = "HYP") -> list[int]:
@@ -116,5 +113,11 @@ def hyp_interrupts(vm: Runner, save: Path | None = None) -> list[int]:
     return parse_interrupts(text)
 
 
-def hung_tasks(vm: Runner) -> list[str]:
-    return parse_hung_tasks(vm.run(["dmesg"], check=False).stdout)
+#: the guest's /proc/vmstat counters kept as evidence
+GUEST_VMSTAT_KEYS = ("pgfault", "pgmajfault", "pswpin", "pswpout")
+
+
+def vmstat(vm: Runner) -> dict[str, int]:
+    """The guest's fault and swap counters (:data:`GUEST_VMSTAT_KEYS`)."""
+    stat = parse_flat_keyed(vm.run(["cat", "/proc/vmstat"], timeout=30).stdout)
+    return {k: stat.get(k, 0) for k in GUEST_VMSTAT_KEYS}

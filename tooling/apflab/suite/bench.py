@@ -2,7 +2,7 @@
 
 :func:`bench_analyzer` reads the trace into memory once (so disk and
 decompression are timed apart), then times, ``repeat`` times each, the parser
-alone and the parser feeding :func:`~apflab.analysis.lifecycle.analyze`; the best
+alone and the parser feeding :func:`~apflab.analysis.analyzer.analyze`; the best
 run of each is reported (the least disturbed by other load).  It prints nothing.
 """
 
@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from apflab import paths
-from apflab.analysis import lifecycle, parse
+from apflab.analysis import parse
+from apflab.analysis.analyzer import analyze
 from apflab.errors import AnalysisError, UsageError
 
 #: Where a default benchmark trace is looked for, relative to the source checkout.
@@ -61,14 +62,14 @@ def bench_analyzer(trace_path: str | Path, repeat: int = 3) -> dict[str, Any]:
         parse_best = min(parse_best, time.perf_counter() - t)
         events = st.events
         t = time.perf_counter()
-        lifecycle.analyze(parse.iter_events(lines))
+        analyze(parse.iter_events(lines))
         analyze_best = min(analyze_best, time.perf_counter() - t)
     if events == 0:
         raise AnalysisError(f"{trace_path}: no async-PF events to benchmark on")
     parsed = list(parse.iter_events(lines))
     for _ in range(repeat):
         t = time.perf_counter()
-        lifecycle.analyze(parsed)
+        analyze(parsed)
         only_best = min(only_best, time.perf_counter() - t)
     return {
         "trace": str(trace_path),
@@ -82,16 +83,3 @@ def bench_analyzer(trace_path: str | Path, repeat: int = 3) -> dict[str, Any]:
         "analyze_events_per_s": int(events / analyze_best),
         "analyze_only_events_per_s": int(events / only_best),
     }
-
-
-def format_result(result: dict[str, Any]) -> str:
-    """A few human lines for ``apflab bench``."""
-    return (
-        f"trace:   {result['trace']} ({result['lines']} lines, {result['events']} events)\n"
-        f"parse:   {result['parse_events_per_s']:>10,} events/s  "
-        f"(best of {result['repeat']}: {result['parse_s']} s)\n"
-        f"analyze: {result['analyze_events_per_s']:>10,} events/s  parse+analyze "
-        f"({result['analyze_s']} s); analysis alone "
-        f"{result['analyze_only_events_per_s']:,} events/s\n"
-        f"read:    {result['read_s']} s (file + decompression, not in the rates)"
-    )

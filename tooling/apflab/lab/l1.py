@@ -35,45 +35,16 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from apflab import images, paths
+from apflab import paths
 from apflab.errors import BootTimeout, GuestPanic, LabError
+from apflab.images.build import ensure
+from apflab.lab.assets import ASSETS_MOUNT, L1_ENV, SERIALS, build_assets
 from apflab.process import CmdResult
 from apflab.undo import RemoveTree, UndoStack
 from apflab.vm.qemu import Disk, Guest, GuestConfig
 from apflab.vm.ssh import SSH
 
 log = logging.getLogger(__name__)
-
-SERIALS = {"assets": "apflab-assets", "guest_root": "apflab-groot", "swap": "apflab-swap"}
-ASSETS_MOUNT = "/mnt/apflab"
-L1_RESULTS = "/root/results"
-#: what ships in the assets disk from the checkout
-SOURCE_ITEMS = (
-    "tooling",
-    "tests",
-    "guest_images",
-    "requirements.lock",
-    "setup.cfg",
-    "pyproject.toml",
-)
-
-# Environment for commands run in L1: the current source, the lab's venv, the
-# image cache on the assets disk.
-L1_ENV = {
-    "PATH": f"{ASSETS_MOUNT}/bin:/opt/apflab/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    "PYTHONPATH": f"{ASSETS_MOUNT}/src/tooling",
-    "PYTHONDONTWRITEBYTECODE": "1",
-    "APFLAB_CACHE": f"{ASSETS_MOUNT}/cache",
-    "APFLAB_IMAGES": f"{ASSETS_MOUNT}/src/guest_images",
-    "APFLAB_LOCKFILE": f"{ASSETS_MOUNT}/src/requirements.lock",
-    "APFLAB_IN_LAB": "1",
-    "APFLAB_LAB_SWAP_DEVICE": f"/dev/disk/by-id/virtio-{SERIALS['swap']}",
-    "MPLBACKEND": "Agg",
-}
-
-APFLAB_WRAPPER = """#!/bin/sh
-exec /opt/apflab/venv/bin/python -m apflab "$@"
-"""
 
 
 @dataclass(frozen=True)
@@ -87,7 +58,6 @@ class LabConfig:
         passed at the same speed, on one host core (docs/calibration.md)
     :ivar accel: ``tcg`` (emulated SVM) or ``kvm`` (nested on a hardware-KVM host)
     :ivar swap_mb: size of L1's swap disk
-    :ivar boot_retries: extra L1 boot attempts after a panic or a stuck boot
     :ivar kernels: kernels under test to ship into L1 (kernels/NAME inside)
     """
 
@@ -96,7 +66,6 @@ class LabConfig:
     accel: str = "tcg"
     swap_mb: int = 2048
     boot_timeout: float = 240.0
-    boot_retries: int = 1
     guest_image: str = "guest"
     kernels: tuple[Path, ...] = ()
     #: leave L1 running when this process exits (`apflab lab up`)
@@ -107,41 +76,6 @@ class LabConfig:
     @property
     def cpu_model(self) -> str:
         return "EPYC,+svm" if self.accel == "tcg" else "host"
-
-
-def _copy_source(repo: Path, dest: Path) -> None:
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".mypy_cache", ".ruff_cache")
-    for item in SOURCE_ITEMS:
-        src = repo / item
-        if src.is_dir():
-            shutil.copytree(src, dest / item, ignore=ignore)
-        elif src.is_file():
-            shutil.copy2(src, dest / item)
-
-
-def build_assets(
-    staging: Path, out: Path, guest: images.BuiltImage, kernels: Sequence[Path]
-) -> Path:
-    """Stage the assets tree and pack it into a small ext4 image (no mounts)."""
-    repo = paths.repo_root()
-    if repo is None:
-        raise LabError("the lab needs an apflab checkout to ship its source into L1")
-    _copy_source(repo, staging / "src")
-    img_dir = staging / "cache" / "images" / guest.directory.name
-    img_dir.mkdir(parents=True)
-    for name in ("manifest.json", "vmlinuz", "initrd.img", "ssh_host_ed25519_key.pub"):
-        shutil.copy2(guest.directory / name, img_dir / name)
-    (img_dir / "root.img").symlink_to(f"/dev/disk/by-id/virtio-{SERIALS['guest_root']}")
-    kdir = staging / "kernels"
-    kdir.mkdir()
-    for k in kernels:
-        shutil.copy2(k, kdir / k.name)
-    bindir = staging / "bin"
-    bindir.mkdir()
-    (bindir / "apflab").write_text(APFLAB_WRAPPER)
-    (bindir / "apflab").chmod(0o755)
-    images.make_ext4(staging, out, "apflab-assets")
-    return out
 
 
 class Lab:
@@ -176,8 +110,8 @@ class Lab:
     def up(self) -> None:
         self._mark = len(self.undo)
         t0 = time.monotonic()
-        lab_img = images.ensure("lab")
-        guest_img = images.ensure(self.config.guest_image)
+        lab_img = ensure("lab")
+        guest_img = ensure(self.config.guest_image)
         self.timings["images"] = time.monotonic() - t0
         root = paths.runtime_root()
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -210,7 +144,9 @@ class Lab:
             boot_timeout=self.config.boot_timeout,
             die_with_parent=not self.config.detached,
             console_fatal_after_boot=True,
-            boot_attempts=1 + max(0, self.config.boot_retries),
+            # no retry of L1's boot in here: the `lab` retry policy runs the whole
+            # lab attempt again (apflab.retry), so L1 boots at most twice per run
+            retry_boot=False,
         )
         t2 = time.monotonic()
         self.vm = self._boot(cfg)
@@ -225,13 +161,14 @@ class Lab:
         )
 
     def _boot(self, cfg: GuestConfig) -> Guest:
-        """Boot L1; a panicked or stuck boot is retried (config.boot_retries times)."""
+        """Boot L1; a panicked or stuck boot is a :class:`LabError` (retried whole
+        by the caller's ``lab`` policy)."""
         vm = Guest(cfg, self.log_dir, self.undo)
         try:
             vm.start()
         except (GuestPanic, BootTimeout) as err:
             vm.shutdown()
-            raise LabError(f"L1 did not boot after {cfg.boot_attempts} attempt(s): {err}") from err
+            raise LabError(f"L1 did not boot: {err}") from err
         except BaseException:
             vm.shutdown()
             raise

@@ -12,10 +12,10 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from apflab.errors import CommandError, SSHError, UsageError, VMError
-from apflab.process import CmdResult
+from apflab.errors import CommandError, SSHError, VMError
+from apflab.process import CmdResult, Runner
 
 log = logging.getLogger(__name__)
 
@@ -23,13 +23,10 @@ PATTERNS = ("seq", "random", "bursty")
 BINARY = "/usr/local/bin/apflab-memtouch"
 
 
-class Runner(Protocol):
-    def run(self, argv: list[str], **kwargs: Any) -> CmdResult: ...
-
-
 @dataclass(frozen=True)
 class WorkloadSpec:
-    """What the guest does.
+    """What the guest does (built from :class:`apflab.run.scenario.Scenario`,
+    which declares and checks each value).
 
     :ivar mb: working set per process, MiB
     :ivar procs: processes touching their own working sets in parallel
@@ -38,21 +35,12 @@ class WorkloadSpec:
     :ivar pause_ms: sleep between rounds (lets the host swap the set out again)
     """
 
-    mb: int = 100
-    procs: int = 3
-    rounds: int = 2
-    pattern: str = "bursty"
-    pause_ms: int = 500
-    seed: int = 1
-
-    def validate(self) -> None:
-        if self.pattern not in PATTERNS:
-            raise UsageError(f"unknown workload pattern {self.pattern!r}: use one of {PATTERNS}")
-        for name in ("mb", "procs"):
-            if getattr(self, name) <= 0:
-                raise UsageError(f"workload {name} must be > 0 (got {getattr(self, name)})")
-        if self.rounds < 0 or self.pause_ms < 0:
-            raise UsageError("workload rounds and pause must be >= 0")
+    mb: int
+    procs: int
+    rounds: int
+    pattern: str
+    pause_ms: int
+    seed: int
 
     @property
     def total_mb(self) -> int:
@@ -111,7 +99,6 @@ def parse_rounds(stdout: str) -> list[dict[str, Any]]:
 
 def run_workload(vm: Runner, spec: WorkloadSpec, deadline_s: float) -> WorkloadResult:
     """Run the workload; never raise for a deadline, report it instead."""
-    spec.validate()
     t0 = time.monotonic()
     try:
         res = vm.run(spec.argv(), check=False, timeout=deadline_s)

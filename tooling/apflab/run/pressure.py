@@ -27,7 +27,7 @@ from typing import Any
 
 from apflab import paths
 from apflab.errors import HostError, PreflightError, UsageError
-from apflab.host import cgroup, swap
+from apflab.host import cgroup, procfs, swap
 from apflab.undo import RemoveEmptyDir, RemoveTree, UndoStack
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ GUEST_BASE_MB = 80
 
 @dataclass(frozen=True)
 class PressureSpec:
-    """How hard to squeeze.
+    """How hard to squeeze (built from :class:`apflab.run.scenario.Scenario`).
 
     :ivar limit_mb: memory limit on the guest's QEMU once booted
     :ivar swap_mb: size of the swap file (ignored when ``swap_device`` is set)
@@ -52,11 +52,11 @@ class PressureSpec:
         (auto) = off under cgroup v1, on under v2 (see :meth:`thp_for`)
     """
 
-    limit_mb: int = 256
-    swap_mb: int = 2048
-    swap_device: str | None = None
+    limit_mb: int
+    swap_mb: int
+    swap_device: str | None
+    guest_thp: bool | None
     swap_priority: int = 100
-    guest_thp: bool | None = None
 
     def thp_for(self, cgroup_version: int) -> bool:
         """Whether the guest's RAM gets transparent huge pages under this cgroup version.
@@ -133,6 +133,8 @@ class PressureReport:
     swap_area: str = ""
     cgroup_path: str = ""
     cgroup_version: int = 0
+    #: how long the kernel took to reclaim down to the limit
+    reclaim_seconds: float | None = None
 
     def delta(self, key: str) -> int:
         if self.before is None or self.after is None:
@@ -153,6 +155,7 @@ class PressureReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "reclaim_seconds": self.reclaim_seconds,
             "cgroup": {"version": self.cgroup_version, "path": self.cgroup_path},
             "swap_area": self.swap_area,
             "swap_out_mb": round(self.swap_out_bytes / (1 << 20), 1),
@@ -227,7 +230,7 @@ class Pressure:
 
     def snapshot(self) -> Counters:
         cg = self.require_cg()
-        vm = swap.vmstat()
+        vm = procfs.vmstat()
         used = sum(e.used_kb for e in swap.active_swaps() if e.path == self.report.swap_area)
         return Counters(
             time.monotonic(), cg.counters(), {k: vm.get(k, 0) for k in VMSTAT_KEYS}, used
@@ -247,6 +250,7 @@ class Pressure:
             time.sleep(0.2)
         self._start_sampler()
         took = time.monotonic() - t0
+        self.report.reclaim_seconds = round(took, 1)
         log.info(
             "pressure: limit %d MiB applied; usage %.0f MiB after %.1fs",
             self.spec.limit_mb,

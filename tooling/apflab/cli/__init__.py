@@ -1,0 +1,1 @@
+"""The ``apflab`` command line: all argument parsing and printing; exit codes."""

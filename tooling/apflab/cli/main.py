@@ -1,0 +1,78 @@
+"""The ``apflab`` entry point: the parser of every subcommand, signals, and how each
+error family maps to an exit code (:mod:`apflab.cli.exitcodes`)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from types import FrameType
+
+from apflab import __version__
+from apflab.cli import host, lab, run, suite
+from apflab.cli.args import Parser
+from apflab.cli.exitcodes import EXIT_ERROR, EXIT_USAGE
+from apflab.errors import ApflabError, PreflightError, UsageError
+
+log = logging.getLogger("apflab")
+
+
+class Terminated(BaseException):
+    """Raised from the SIGTERM/SIGHUP handler so that every ``with`` block unwinds."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"terminated by signal {signum}")
+        self.signum = signum
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    raise Terminated(signum)
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="apflab", description="KVM async page fault integration tests")
+    p.add_argument("--version", action="version", version=f"apflab {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for module in (host, lab, run, suite):
+        module.register(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("paramiko", "qemu.qmp", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGHUP, _on_signal)
+    func: Callable[..., int] = args.func
+    try:
+        return func(args)
+    except UsageError as err:
+        print(f"apflab: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except PreflightError as err:
+        print(f"apflab: pre-flight: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("apflab: interrupted; cleanup done", file=sys.stderr)
+        return 130
+    except Terminated as err:
+        print(f"apflab: {err}; cleanup done", file=sys.stderr)
+        return 128 + err.signum
+    except ApflabError as err:
+        log.debug("error", exc_info=True)
+        print(f"apflab: ERROR: {err}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

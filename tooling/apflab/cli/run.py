@@ -1,0 +1,128 @@
+"""``apflab run | analyze``: one verdict, or a saved trace analysed again."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from apflab.analysis import verdict
+from apflab.analysis.analyzer import analyze_trace
+from apflab.cli.args import existing_file, positive_int
+from apflab.cli.exitcodes import EXIT_OK, verdict_exit
+from apflab.lab.l1 import LabConfig
+from apflab.run import dispatch
+from apflab.run.records import VCPUS_FILE, read_vcpus, vcpu_of_pid
+from apflab.run.scenario import Option, Scenario
+
+
+def _flag_type(opt: Option) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return opt.convert(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    convert.__name__ = opt.name  # argparse names the type in some messages
+    return convert
+
+
+def add_scenario_args(p: argparse.ArgumentParser) -> None:
+    """One flag per :class:`Scenario` option, from its declaration."""
+    g = p.add_argument_group("scenario")
+    for opt in Scenario.options():
+        shown = f" (default {opt.default})" if opt.default not in (None, "") else ""
+        g.add_argument(
+            opt.flag,
+            dest=opt.name,
+            type=_flag_type(opt),
+            default=opt.default,
+            choices=opt.choices or None,
+            metavar=opt.unit or None,
+            help=opt.help + shown,
+        )
+
+
+def scenario_from_args(args: argparse.Namespace) -> Scenario:
+    return Scenario(**{o.name: getattr(args, o.name) for o in Scenario.options()})
+
+
+def _emit(line: str) -> None:
+    print(line, flush=True)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    scenario = scenario_from_args(args)
+    lab_config = LabConfig(memory_mb=args.lab_memory, cpus=args.lab_cpus)
+    results = args.results.resolve()
+    doc = dispatch.run(
+        scenario, results, _emit, run_id=args.run_id, here=args.here, lab_config=lab_config
+    )
+    print_summary(doc, results)
+    return verdict_exit(doc.get("verdict"))
+
+
+def print_summary(doc: dict[str, Any], results_root: Path) -> None:
+    out = results_root / str(doc.get("run_id", "latest"))
+    print()
+    print(f"verdict: {doc.get('verdict')} — {doc.get('reason')}")
+    ev = doc.get("events") or {}
+    if ev:
+        print("events:  " + ", ".join(f"{k} {v}" for k, v in ev.items()))
+    for metric, s in (doc.get("latency_us") or {}).items():
+        if s and s.get("count"):
+            print(
+                f"  {metric:22s} n={s['count']:<7} p50 {s['p50']} us  p90 {s['p90']} us  "
+                f"p99 {s['p99']} us  p99.9 {s['p999']} us  max {s['max']} us"
+            )
+    failed = [k for k, v in (doc.get("invariants") or {}).items() if not v.get("ok")]
+    if failed:
+        print(f"invariants failed: {', '.join(failed)}")
+    print(f"report:  {out / 'report.html'}")
+    print(f"verdict: {out / 'verdict.json'}")
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    vcpus_file = args.vcpus or args.trace.parent / VCPUS_FILE
+    vcpus = vcpu_of_pid(read_vcpus(vcpus_file)) if vcpus_file.is_file() else None
+    analysis, _ = analyze_trace(args.trace, vcpus)
+    lost = None
+    run_json = args.trace.parent / "run.json"
+    if run_json.exists():  # a results dir: the tracer's loss counters were recorded there
+        lost = json.loads(run_json.read_text()).get("trace", {}).get("lost")
+    doc = verdict.analysis_document(analysis, lost)
+    if args.json:
+        print(json.dumps(doc, indent=1))
+    else:
+        print("events:  " + ", ".join(f"{k} {v}" for k, v in doc["events"].items()))
+        for metric, s in doc["latency_us"].items():
+            print(f"  {metric:22s} {json.dumps(s)}")
+        for name, inv in doc["invariants"].items():
+            print(f"  {'ok ' if inv['ok'] else 'BAD'} {name}: {inv['detail']}")
+    return EXIT_OK
+
+
+def register(sub: Any) -> None:
+    r = sub.add_parser(
+        "run", help="a full async-PF latency verdict (exit 0 PASS, 1 FAIL, 2 INVALID, 3 ERROR)"
+    )
+    add_scenario_args(r)
+    r.add_argument("--results", type=Path, default=Path("results"), help="results root")
+    r.add_argument("--run-id", default=None)
+    r.add_argument(
+        "--here",
+        action="store_true",
+        help="run on this host even without usable KVM detection (used inside L1)",
+    )
+    lab = r.add_argument_group("lab (used only when this host needs the nested lab)")
+    lab.add_argument("--lab-memory", type=positive_int, default=3072, metavar="MB")
+    lab.add_argument("--lab-cpus", type=positive_int, default=1)
+    r.set_defaults(func=cmd_run)
+
+    a = sub.add_parser("analyze", help="re-analyse a saved trace (plain, .xz or .gz)")
+    a.add_argument("trace", type=existing_file)
+    a.add_argument("--vcpus", type=existing_file, help="vcpus.json: {cpu-index: thread-id}")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=cmd_analyze)

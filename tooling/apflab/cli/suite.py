@@ -1,0 +1,51 @@
+"""``apflab bench | check-functional``: the project's own benchmarks and test suite."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from apflab.cli.args import existing_file, positive_int
+from apflab.cli.exitcodes import EXIT_OK
+from apflab.suite import bench
+from apflab.suite.functional import check_functional
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    trace = args.trace or bench.default_trace()
+    result = bench.bench_analyzer(trace, args.repeat)
+    print(json.dumps(result, indent=1) if args.json else format_bench(result))
+    return EXIT_OK
+
+
+def format_bench(result: dict[str, Any]) -> str:
+    """A few human lines for ``apflab bench``."""
+    return (
+        f"trace:   {result['trace']} ({result['lines']} lines, {result['events']} events)\n"
+        f"parse:   {result['parse_events_per_s']:>10,} events/s  "
+        f"(best of {result['repeat']}: {result['parse_s']} s)\n"
+        f"analyze: {result['analyze_events_per_s']:>10,} events/s  parse+analyze "
+        f"({result['analyze_s']} s); analysis alone "
+        f"{result['analyze_only_events_per_s']:,} events/s\n"
+        f"read:    {result['read_s']} s (file + decompression, not in the rates)"
+    )
+
+
+def cmd_check_functional(args: argparse.Namespace) -> int:
+    return check_functional(args.results, args.only, args.tags)
+
+
+def register(sub: Any) -> None:
+    b = sub.add_parser("bench", help="measure the analyzer (events/s) and print")
+    b.add_argument("--trace", type=existing_file)
+    b.add_argument("--repeat", type=positive_int, default=3)
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench)
+
+    c = sub.add_parser("check-functional", help="the functional suite, on this host and in the lab")
+    c.add_argument("--results", type=Path, default=Path("results"))
+    c.add_argument("--only", choices=["host", "lab"], default=None)
+    c.add_argument("--tags", default=None, help="avocado tag filter for both phases")
+    c.set_defaults(func=cmd_check_functional)

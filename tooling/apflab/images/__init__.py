@@ -1,0 +1,1 @@
+"""Disk images for guests and the lab: recipes, the content-hash cache, builds."""

@@ -1,0 +1,83 @@
+"""What L1 gets besides its root: the assets disk (current source, the guest
+image's small files, kernels under test) and the environment for commands in it.
+
+A code change never needs an image rebuild: every lab start packs the current
+checkout into a small ext4 (``mke2fs -d``, about a second).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from apflab import paths
+from apflab.errors import LabError
+from apflab.images.ext4 import make_ext4
+from apflab.images.recipe import BuiltImage
+
+SERIALS = {"assets": "apflab-assets", "guest_root": "apflab-groot", "swap": "apflab-swap"}
+ASSETS_MOUNT = "/mnt/apflab"
+L1_RESULTS = "/root/results"
+#: where the kernels under test (LabConfig.kernels) are inside L1
+KERNELS_MOUNT = f"{ASSETS_MOUNT}/kernels"
+#: what ships in the assets disk from the checkout
+SOURCE_ITEMS = (
+    "tooling",
+    "tests",
+    "guest_images",
+    "requirements.lock",
+    "setup.cfg",
+    "pyproject.toml",
+)
+
+# Environment for commands run in L1: the current source, the lab's venv, the
+# image cache on the assets disk.
+L1_ENV = {
+    "PATH": f"{ASSETS_MOUNT}/bin:/opt/apflab/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "PYTHONPATH": f"{ASSETS_MOUNT}/src/tooling",
+    "PYTHONDONTWRITEBYTECODE": "1",
+    "APFLAB_CACHE": f"{ASSETS_MOUNT}/cache",
+    "APFLAB_IMAGES": f"{ASSETS_MOUNT}/src/guest_images",
+    "APFLAB_LOCKFILE": f"{ASSETS_MOUNT}/src/requirements.lock",
+    "APFLAB_IN_LAB": "1",
+    "APFLAB_LAB_SWAP_DEVICE": f"/dev/disk/by-id/virtio-{SERIALS['swap']}",
+    "MPLBACKEND": "Agg",
+}
+
+APFLAB_WRAPPER = """#!/bin/sh
+exec /opt/apflab/venv/bin/python -m apflab "$@"
+"""
+
+
+def _copy_source(repo: Path, dest: Path) -> None:
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".mypy_cache", ".ruff_cache")
+    for item in SOURCE_ITEMS:
+        src = repo / item
+        if src.is_dir():
+            shutil.copytree(src, dest / item, ignore=ignore)
+        elif src.is_file():
+            shutil.copy2(src, dest / item)
+
+
+def build_assets(staging: Path, out: Path, guest: BuiltImage, kernels: Sequence[Path]) -> Path:
+    """Stage the assets tree and pack it into a small ext4 image (no mounts)."""
+    repo = paths.repo_root()
+    if repo is None:
+        raise LabError("the lab needs an apflab checkout to ship its source into L1")
+    _copy_source(repo, staging / "src")
+    img_dir = staging / "cache" / "images" / guest.directory.name
+    img_dir.mkdir(parents=True)
+    for name in ("manifest.json", "vmlinuz", "initrd.img", "ssh_host_ed25519_key.pub"):
+        shutil.copy2(guest.directory / name, img_dir / name)
+    (img_dir / "root.img").symlink_to(f"/dev/disk/by-id/virtio-{SERIALS['guest_root']}")
+    kdir = staging / "kernels"
+    kdir.mkdir()
+    for k in kernels:
+        shutil.copy2(k, kdir / k.name)
+    bindir = staging / "bin"
+    bindir.mkdir()
+    (bindir / "apflab").write_text(APFLAB_WRAPPER)
+    (bindir / "apflab").chmod(0o755)
+    make_ext4(staging, out, "apflab-assets")
+    return out

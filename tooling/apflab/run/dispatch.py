@@ -1,0 +1,155 @@
+"""Where a run happens: directly on a KVM host, or through the nested lab.
+
+:func:`run` is what ``apflab run`` / ``make run`` call.  On a host whose
+/dev/kvm runs stock guests the experiment runs right here
+(:func:`apflab.run.experiment.execute`, then :func:`apflab.run.judge.judge`);
+otherwise the nested lab is brought up and the very same ``apflab run --here``
+runs in L1, streaming its phases, and its results directory is copied back.
+A failure of the lab itself is retried on a fresh L1 under the ``lab`` policy
+(:mod:`apflab.retry`); a failure of the kernel under test never is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from apflab import paths
+from apflab.analysis import verdict
+from apflab.errors import ApflabError, LabError
+from apflab.host import kvm
+from apflab.lab.assets import KERNELS_MOUNT, L1_RESULTS
+from apflab.lab.l1 import Lab, LabConfig
+from apflab.retry import POLICIES, Retrier
+from apflab.run.experiment import execute
+from apflab.run.judge import judge
+from apflab.run.phases import Emit, Phases
+from apflab.run.records import write_json
+from apflab.run.scenario import Scenario
+from apflab.undo import UndoStack
+
+log = logging.getLogger(__name__)
+
+
+def point_latest(results_root: Path, run_id: str) -> None:
+    latest = results_root / "latest"
+    tmp = results_root / f".latest-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(run_id)
+    tmp.replace(latest)
+
+
+def run(
+    scenario: Scenario,
+    results_root: Path,
+    emit: Emit,
+    run_id: str | None = None,
+    here: bool = False,
+    lab_config: LabConfig | None = None,
+) -> dict[str, Any]:
+    """Run one experiment wherever real KVM is; return the verdict document."""
+    scenario.validate()  # bad input fails here, in seconds, before any host change
+    run_id = run_id or paths.new_run_id()
+    results_root.mkdir(parents=True, exist_ok=True)
+    info = kvm.probe()
+    if here or info.usable or scenario.accel == "tcg":
+        emit(f"apflab run {run_id}: direct on this host ({info.reason})")
+        doc = judge(execute(scenario, results_root / run_id, run_id, emit))
+    else:
+        emit(f"apflab run {run_id}: through the nested lab ({info.reason})")
+        doc = _run_in_lab(scenario, results_root / run_id, run_id, emit, lab_config or LabConfig())
+    point_latest(results_root, run_id)
+    return doc
+
+
+def _run_in_lab(
+    scenario: Scenario, out: Path, run_id: str, emit: Emit, lab_config: LabConfig
+) -> dict[str, Any]:
+    phases = Phases(emit)
+    lab_config = replace(lab_config, kernels=tuple(scenario.files()))
+    inner = ["apflab", "run", "--here", "--run-id", run_id, "--results", L1_RESULTS]
+    inner += scenario.argv(file_dir=KERNELS_MOUNT)
+    retrier = Retrier(POLICIES["lab"], (ApflabError,))
+
+    def attempt(number: int) -> dict[str, Any]:
+        logs = out / "logs" if number == 1 else out / f"logs-lab-attempt{number}"
+        return _lab_attempt(lab_config, inner, run_id, out, logs, phases, emit)
+
+    def report(err: BaseException) -> None:
+        first = str(err).splitlines()[0]
+        n = len(retrier.attempts)
+        emit(f"          the lab failed (attempt {n} of {POLICIES['lab'].retries + 1}): {first}")
+
+    try:
+        lab_facts = retrier.run(attempt, between=report)
+    except ApflabError as err:
+        report(err)
+        failed = verdict.error_document(run_id, f"lab: {str(err).splitlines()[0]}")
+        failed["lab"] = {"failures": [a.error for a in retrier.attempts]}
+        failed["retries"] = {"lab": retrier.to_dict()}
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "verdict.json", failed)
+        return failed
+    vfile = out / "verdict.json"
+    if not vfile.exists():
+        # the run in L1 failed before judging (e.g. bad input only L1 could see):
+        # not a lab failure, so not retried
+        raise LabError(
+            f"the run in L1 exited {lab_facts['inner_exit_status']} without a verdict.json; "
+            "see the output above"
+        )
+    doc: dict[str, Any] = json.loads(vfile.read_text())
+    doc.setdefault("phases_s", {}).update({f"host: {k}": v for k, v in phases.times.items()})
+    failures = [a.error for a in retrier.attempts if a.error is not None]
+    doc["lab"] = {**lab_facts, "failures": failures}
+    doc.setdefault("retries", {})["lab"] = retrier.to_dict()
+    write_json(vfile, doc)
+    return doc
+
+
+def _lab_attempt(
+    lab_config: LabConfig,
+    inner: list[str],
+    run_id: str,
+    out: Path,
+    logs: Path,
+    phases: Phases,
+    emit: Emit,
+) -> dict[str, Any]:
+    """One lab bring-up + the run inside it + results fetched; raise on lab failure."""
+    with UndoStack(f"{run_id}-lab") as undo:
+        with phases.phase("lab up (images, assets, L1 boot)"):
+            lab = Lab(lab_config, logs, undo)
+            lab.up()
+        try:
+            emit(f"          L1 up in {lab.timings['l1_boot']:.1f}s; {lab.facts['kvm']['reason']}")
+            with phases.phase("experiment in L1"):
+                res = lab.run(inner, check=False, timeout=None, on_output=_indent(emit))
+            with phases.phase("fetch results"):
+                n = lab.fetch(f"{L1_RESULTS}/{run_id}", out)
+                emit(f"          {n} file(s) copied back to {out}")
+        finally:
+            with phases.phase("lab down"):
+                lab.down()
+    return {
+        "timings_s": {k: round(v, 1) for k, v in lab.timings.items()},
+        "kvm": lab.facts.get("kvm", {}),
+        "inner_exit_status": res.exit_status,
+    }
+
+
+def _indent(emit: Emit) -> Callable[[str, str], None]:
+    buf = {"stdout": "", "stderr": ""}
+
+    def on_output(stream: str, text: str) -> None:
+        buf[stream] += text
+        *lines, buf[stream] = buf[stream].split("\n")
+        for line in lines:
+            emit(f"  L1| {line}")
+
+    return on_output

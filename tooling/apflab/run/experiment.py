@@ -1,0 +1,261 @@
+"""One async-PF latency experiment, end to end, on a KVM host.
+
+This is the direct path: it runs on a bare-metal KVM host, and unchanged
+inside the nested lab's L1 (:mod:`apflab.run.dispatch` decides where).
+
+    Scenario → pre-flight → swap + cgroup → guest (paused, moved in, booted)
+      → trace on → limit on → workload under a deadline → counters
+      → trace saved (before the guest stops) → guest stopped
+      = RunRecord (raw evidence, run.json) → judged by apflab.run.judge
+
+Every phase is timed; every host change is on the run's undo stack.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import lzma
+import shutil
+from pathlib import Path
+
+from apflab import paths
+from apflab.errors import ApflabError, PreflightError, UsageError, VMError
+from apflab.host import kvm, tracefs
+from apflab.images.build import ensure
+from apflab.run.phases import Emit, Phases
+from apflab.run.pressure import Pressure, preflight
+from apflab.run.records import (
+    ApfFacts,
+    GuestFacts,
+    HostFacts,
+    KernelFacts,
+    RunRecord,
+    write_vcpus,
+)
+from apflab.run.scenario import Scenario
+from apflab.run.workload import run_workload
+from apflab.undo import RemoveTree, UndoStack
+from apflab.vm import guestinfo
+from apflab.vm.console import console_faults
+from apflab.vm.qemu import BootSpec, Guest, GuestConfig
+
+log = logging.getLogger(__name__)
+
+
+def compress(src: Path, dest: Path) -> None:
+    with src.open("rb") as fin, lzma.open(dest, "wb", preset=1) as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)
+
+
+def _thp_enabled(pid: int) -> bool | None:
+    """The ``THP_enabled`` flag of a process (0 after PR_SET_THP_DISABLE)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("THP_enabled:"):
+                return line.split()[1] == "1"
+    except OSError:
+        pass
+    return None
+
+
+def execute(scenario: Scenario, results: Path, run_id: str, emit: Emit) -> RunRecord:
+    """Run the experiment and write the raw evidence under ``results``.
+
+    Infrastructure faults during the run are recorded in ``errors`` (verdict
+    ERROR later) rather than raised, once the results dir exists: a run always
+    leaves its evidence behind.  Bad input and pre-flight failures raise
+    before anything changes.
+    """
+    scenario.validate()
+    info = kvm.probe()
+    if scenario.accel != "tcg" and not info.usable:
+        raise PreflightError(
+            f"no usable KVM here ({info.reason}): run through the lab (`apflab run` picks it) "
+            "or pass --accel tcg for a pressure-only run"
+        )
+    spec = scenario.pressure_spec()
+    cginfo = preflight(spec, scenario.workload_spec().total_mb, scenario.guest_memory)
+    img = ensure(scenario.image)
+    boot = img.boot_spec(scenario.cmdline)
+    if scenario.kernel is not None:
+        boot = BootSpec(scenario.kernel, scenario.initrd or img.initrd, boot.cmdline)
+
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "logs").mkdir(exist_ok=True)
+    rec = RunRecord(run_id, results, scenario, HostFacts.here())
+    rec.kernel = KernelFacts(str(boot.kernel), paths.sha256_file(boot.kernel), boot.cmdline)
+    phases = Phases(emit)
+    cfg = GuestConfig(
+        boot=boot,
+        root=img.disk,
+        host_key=img.host_key,
+        name="guest",
+        memory_mb=scenario.guest_memory,
+        cpus=scenario.guest_cpus_here(),
+        accel=scenario.accel,
+        thp=spec.thp_for(cginfo.version),
+    )
+    try:
+        with UndoStack(run_id) as undo:
+            pressure = Pressure(spec, cginfo, undo)
+            _Experiment(scenario, cfg, pressure, undo, rec, emit).run(phases)
+    except (UsageError, PreflightError):
+        raise
+    except ApflabError as err:
+        log.error("run %s: %s", run_id, err)
+        rec.errors.append(str(err))
+    rec.phases = phases.times
+    rec.write()
+    return rec
+
+
+class _Experiment:
+    """The phases of one run, in order; each leaves its evidence in ``rec``."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        cfg: GuestConfig,
+        pressure: Pressure,
+        undo: UndoStack,
+        rec: RunRecord,
+        emit: Emit,
+    ) -> None:
+        self.scenario, self.cfg, self.pressure, self.undo = scenario, cfg, pressure, undo
+        self.rec, self.emit = rec, emit
+        rec.pressure = pressure.report  # filled in phase by phase
+        self.trace_txt = paths.runtime_root() / f"{rec.run_id}-trace.txt"
+        self.session: tracefs.TraceSession | None = None
+
+    def run(self, phases: Phases) -> None:
+        with phases.phase("pressure setup (swap, cgroup)"):
+            self.pressure.setup()
+        with phases.phase("guest boot"):
+            vm = self.boot()
+        with phases.phase("guest checks"):
+            self.checks(vm)
+        if vm.accel == "kvm":
+            with phases.phase("trace start"):
+                self.start_trace()
+        with phases.phase("memory limit"):
+            self.squeeze()
+        with phases.phase("workload"):
+            wl = run_workload(vm, self.scenario.workload_spec(), self.scenario.deadline)
+            self.rec.workload = wl
+            state = "completed" if wl.completed else wl.error
+            self.emit(f"          workload: {state} in {wl.seconds:.1f}s, {len(wl.rounds)} rounds")
+        with phases.phase("evidence"):
+            self.evidence(vm)
+        if self.session is not None:
+            with phases.phase("trace save"):
+                self.save_trace(self.session)
+        with phases.phase("guest stop"):
+            vm.shutdown()
+
+    def boot(self) -> Guest:
+        rec = self.rec
+
+        def move_into_cgroup(g: Guest) -> None:
+            rec.guest.threads_in_cgroup = len(self.pressure.attach(g.pid))
+            rec.guest.qemu_thp_enabled = _thp_enabled(g.pid)
+
+        vm = Guest(self.cfg, rec.results / "logs", self.undo, before_start=move_into_cgroup)
+        try:
+            vm.start()  # on any error below, the undo stack kills QEMU (after the trace stops)
+        finally:
+            rec.retries[vm.boot_retries.name] = vm.boot_retries.to_dict()
+        rec.guest.boot_seconds = round(vm.boot_seconds or 0, 1)
+        rec.guest.accel = vm.accel
+        assert rec.kernel is not None
+        rec.kernel.release = vm.run(["uname", "-r"]).stdout.strip()
+        rec.vcpus = vm.vcpu_threads()
+        return vm
+
+    def checks(self, vm: Guest) -> None:
+        g = self.rec.guest
+        if vm.accel == "kvm":
+            apf = guestinfo.apf_msrs(vm)
+            g.async_pf = ApfFacts(apf.enabled and apf.interrupt_delivery, apf.describe())
+            g.qmp_kvm_asyncpf_int = vm.qmp.cmd(
+                "qom-get", path="/machine/unattached/device[0]", property="kvm-asyncpf-int"
+            )
+        # report hung tasks after 30 s instead of 120 s: a stalled guest shows it sooner
+        g.hung_task_timeout_set = vm.run(
+            ["sysctl", "-q", "-w", "kernel.hung_task_timeout_secs=30"], check=False
+        ).ok
+        g.hyp_before = guestinfo.hyp_interrupts(
+            vm, self.rec.results / "guest" / "interrupts.before"
+        )
+        g.vmstat_before = guestinfo.vmstat(vm)
+
+    def start_trace(self) -> None:
+        self.session = tracefs.TraceSession(
+            f"apflab-{self.rec.run_id}",
+            self.trace_txt,
+            self.undo,
+            buffer_kb=self.scenario.trace_buffer_kb,
+        )
+        self.undo.push(RemoveTree(str(self.trace_txt)))
+        self.session.start()
+        (self.rec.results / "trace-formats.txt").write_text(self.session.formats())
+
+    def squeeze(self) -> None:
+        self.pressure.report.before = self.pressure.snapshot()
+        self.pressure.save_raw(self.rec.results / "host", "before")
+        self.pressure.apply()
+
+    def evidence(self, vm: Guest) -> None:
+        self.pressure.report.after = self.pressure.snapshot()
+        self.pressure.save_raw(self.rec.results / "host", "after")
+        self.pressure.finish()
+        if not vm.is_running():
+            oom = self.rec.pressure.events.get("oom_kill", 0)
+            why = (
+                f": the memory cgroup's OOM killer fired {oom} time(s) (raise --limit)"
+                if oom
+                else ""
+            )
+            raise VMError(f"the guest's QEMU died during the workload{why}")
+        _guest_after(vm, self.rec)
+        with (self.rec.results / "workload.jsonl").open("w") as f:
+            for r in self.rec.workload.rounds if self.rec.workload else []:
+                f.write(json.dumps(r) + "\n")
+
+    def save_trace(self, session: tracefs.TraceSession) -> None:
+        rec = self.rec
+        stats = session.stop()
+        rec.trace.lost = stats.lost
+        rec.trace.bytes = stats.bytes_written
+        rec.trace.overrun = stats.overrun
+        rec.trace.dropped = stats.dropped
+        rec.trace.per_cpu = {str(k): v for k, v in stats.per_cpu.items()}
+        dest = rec.results / "trace.txt.xz"
+        compress(self.trace_txt, dest)
+        rec.trace.path = dest
+        write_vcpus(rec.results, rec.vcpus)
+
+
+def _guest_after(vm: Guest, rec: RunRecord) -> None:
+    """Guest-side evidence after the workload; a stalled guest may not answer."""
+    g: GuestFacts = rec.guest
+    state = vm.runstate()
+    g.runstate_after = state
+    try:
+        if state != "running":
+            # e.g. a triple fault (reset) during the workload: the CPU state before
+            # the reset is in logs/guest-cpu-reset.log (QEMU -d cpu_reset)
+            raise VMError(f"the guest stopped running during the workload ({state})")
+        g.hyp_after = guestinfo.hyp_interrupts(vm, rec.results / "guest" / "interrupts.after")
+        g.vmstat_after = guestinfo.vmstat(vm)
+        dmesg = vm.run(["dmesg"], check=False, timeout=30).stdout
+        (rec.results / "logs" / "guest-dmesg.txt").write_text(dmesg)
+        g.hung_tasks = guestinfo.parse_hung_tasks(dmesg)
+    except ApflabError as err:
+        g.after_error = f"guest did not answer after the workload: {err}"
+        log.warning("%s", g.after_error)
+    g.console_faults = console_faults(vm.console_log)
+    g.reset = state != "running"
+    # the console log sees hung-task reports even when SSH no longer works
+    console = vm.console_log.read_text(errors="replace") if vm.console_log.exists() else ""
+    g.hung_tasks = sorted(set(g.hung_tasks) | set(guestinfo.parse_hung_tasks(console)))

@@ -1,0 +1,85 @@
+"""A run's judgement: record → trace analysis + evidence → verdict → verdict.json, report.html.
+
+The rules themselves are pure (:mod:`apflab.analysis.verdict`); this module
+feeds them a :class:`~apflab.run.records.RunRecord` and writes the results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+from apflab.analysis import verdict
+from apflab.analysis.analyzer import analyze_trace
+from apflab.analysis.model import Analysis
+from apflab.errors import AnalysisError
+from apflab.report import html
+from apflab.run.records import RunRecord, vcpu_of_pid, write_json
+
+log = logging.getLogger(__name__)
+
+
+def evidence(rec: RunRecord) -> verdict.Evidence:
+    """What the run observed outside the trace, as the verdict rules read it."""
+    g = rec.guest
+    wl = rec.workload
+    return verdict.Evidence(
+        lost_events=rec.trace.lost,
+        host_swap_out_bytes=rec.pressure.swap_out_bytes,
+        hyp_before=sum(g.hyp_before) if g.hyp_before is not None else None,
+        hyp_after=sum(g.hyp_after) if g.hyp_after is not None else None,
+        hung_tasks=list(g.hung_tasks),
+        apf_enabled=g.async_pf.enabled if g.async_pf is not None else False,
+        workload_completed=bool(wl and wl.completed),
+        deadline_passed=bool(wl and wl.deadline_passed),
+        deadline_s=rec.scenario.deadline,
+        errors=list(rec.errors),
+        guest_faults=list(g.console_faults),
+        guest_reset=g.reset,
+        in_lab=rec.host.in_lab,
+    )
+
+
+def judge(rec: RunRecord) -> dict[str, Any]:
+    """Analyse the trace and the evidence; write report.html and verdict.json."""
+    t0 = time.monotonic()
+    thresholds = verdict.Thresholds()
+    analysis: Analysis | None = None
+    if rec.trace.path is not None:
+        # the trace ends with our "trace end" marker: the end of observation
+        analysis, _ = analyze_trace(
+            rec.trace.path, vcpu_of_pid(rec.vcpus), grace_us=thresholds.grace_us
+        )
+    ev = evidence(rec)
+    result = verdict.judge(analysis, ev, thresholds)
+    if analysis is None and not rec.errors and rec.guest.accel == "tcg":
+        # A pressure-only run (no KVM): the machinery worked, but there is no
+        # async PF to judge. That is never a PASS, and not an infrastructure fault.
+        result = dataclasses.replace(
+            result,
+            verdict=verdict.INVALID,
+            reason="pressure-only run under TCG: without KVM there are no async page faults "
+            "to judge",
+        )
+    kernel = dataclasses.asdict(rec.kernel) if rec.kernel else None
+    doc = verdict.verdict_document(
+        result, analysis, ev, thresholds, kernel=kernel, host=dataclasses.asdict(rec.host)
+    )
+    doc["run_id"] = rec.run_id
+    doc["scenario"] = rec.scenario.to_dict()
+    doc["pressure"] = rec.pressure.to_dict()
+    doc["workload"] = rec.workload.to_dict() if rec.workload else None
+    doc["retries"] = rec.retries
+    doc["phases_s"] = dict(rec.phases)
+    doc["phases_s"]["analysis"] = round(time.monotonic() - t0, 1)
+    t1 = time.monotonic()
+    try:
+        html.write_report(rec.results, doc, analysis)
+    except AnalysisError as err:  # the verdict stands without its report
+        log.error("report: %s", err)
+        doc["report_error"] = str(err)
+    doc["phases_s"]["report"] = round(time.monotonic() - t1, 1)
+    write_json(rec.results / "verdict.json", doc)
+    return doc

@@ -1,0 +1,173 @@
+"""What one phase of a run hands the next: typed records, never dicts read back
+with ``.get(key, default)`` (a misspelt key is a type error, not a default that
+turns a run INVALID).
+
+:class:`RunRecord` is the raw outcome of :func:`apflab.run.experiment.execute`
+(written as run.json); :func:`apflab.run.judge.judge` turns it into the verdict.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from apflab import paths
+from apflab.host import kvm
+from apflab.run.pressure import PressureReport
+from apflab.run.scenario import Scenario
+from apflab.run.workload import WorkloadResult
+
+
+@dataclass
+class KernelFacts:
+    """The guest kernel that ran: what was booted, and what it said it is."""
+
+    path: str
+    sha256: str
+    cmdline: str
+    release: str | None = None
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """The KVM host the guest ran on (this host, or L1 inside the lab)."""
+
+    kernel: str
+    hostname: str
+    kvm: str
+    kvm_module: str
+    in_lab: bool
+    cpus: int | None
+
+    @classmethod
+    def here(cls) -> HostFacts:
+        info = kvm.probe()
+        uname = os.uname()
+        return cls(
+            uname.release, uname.nodename, info.reason, info.module, paths.in_lab(), os.cpu_count()
+        )
+
+
+@dataclass(frozen=True)
+class ApfFacts:
+    """The guest's own word on async PF (its MSRs): on, with interrupt delivery?"""
+
+    enabled: bool
+    detail: str
+
+
+@dataclass
+class GuestFacts:
+    """What was learned from and about the guest, phase by phase (None: not known)."""
+
+    accel: str = ""
+    boot_seconds: float | None = None
+    threads_in_cgroup: int = 0
+    qemu_thp_enabled: bool | None = None
+    async_pf: ApfFacts | None = None
+    qmp_kvm_asyncpf_int: object = None
+    hung_task_timeout_set: bool = False
+    hyp_before: list[int] | None = None
+    vmstat_before: dict[str, int] = field(default_factory=dict)
+    hyp_after: list[int] | None = None
+    vmstat_after: dict[str, int] = field(default_factory=dict)
+    runstate_after: str | None = None
+    #: why the guest could not be questioned after the workload ("" if it could)
+    after_error: str = ""
+    #: fatal kernel lines on the console after boot (panic, BUG, GP fault)
+    console_faults: list[str] = field(default_factory=list)
+    #: the guest stopped running during the run (a reset)
+    reset: bool = False
+    hung_tasks: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TraceFacts:
+    """The capture: where the trace went and what the tracer lost.
+
+    :ivar lost: overrun + dropped events; None when the counters were not read
+    """
+
+    path: Path | None = None
+    lost: int | None = None
+    bytes: int = 0
+    overrun: int = 0
+    dropped: int = 0
+    per_cpu: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["path"] = str(self.path) if self.path else None
+        return d
+
+
+@dataclass
+class RunRecord:
+    """The raw outcome of the experiment, before judgement (run.json).
+
+    :ivar vcpus: ``{cpu-index: host thread id}`` (QMP ``query-cpus-fast``)
+    :ivar errors: infrastructure faults, one line each (the verdict is then ERROR)
+    :ivar retries: per retry policy used, its attempts (:mod:`apflab.retry`)
+    """
+
+    run_id: str
+    results: Path
+    scenario: Scenario
+    host: HostFacts
+    kernel: KernelFacts | None = None
+    guest: GuestFacts = field(default_factory=GuestFacts)
+    vcpus: dict[int, int] = field(default_factory=dict)
+    pressure: PressureReport = field(default_factory=PressureReport)
+    workload: WorkloadResult | None = None
+    trace: TraceFacts = field(default_factory=TraceFacts)
+    errors: list[str] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)
+    retries: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "scenario": self.scenario.to_dict(),
+            "kernel": asdict(self.kernel) if self.kernel else None,
+            "host": asdict(self.host),
+            "guest": asdict(self.guest),
+            "vcpu_threads": {str(k): v for k, v in self.vcpus.items()},
+            "pressure": self.pressure.to_dict(),
+            "workload": self.workload.to_dict() if self.workload else None,
+            "trace": self.trace.to_dict(),
+            "errors": self.errors,
+            "phases_s": self.phases,
+            "retries": self.retries,
+        }
+
+    def write(self) -> Path:
+        return write_json(self.results / "run.json", self.to_dict())
+
+
+def write_json(path: Path, doc: Any) -> Path:
+    """Write a JSON document atomically (a reader never sees half of it)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    tmp.replace(path)
+    return path
+
+
+# -- vcpus.json: {cpu-index: thread id}, beside the trace -------------------------
+VCPUS_FILE = "vcpus.json"
+
+
+def write_vcpus(results: Path, vcpus: dict[int, int]) -> Path:
+    return write_json(results / VCPUS_FILE, {str(k): v for k, v in vcpus.items()})
+
+
+def vcpu_of_pid(vcpus: dict[int, int]) -> dict[int, int]:
+    """``{cpu-index: thread id}`` → ``{thread id: cpu-index}``, as the analysis reads it."""
+    return {tid: idx for idx, tid in vcpus.items()}
+
+
+def read_vcpus(path: Path) -> dict[int, int]:
+    """A vcpus.json file → ``{cpu-index: thread id}``."""
+    return {int(idx): int(tid) for idx, tid in json.loads(path.read_text()).items()}

@@ -1,0 +1,279 @@
+"""The scenario of one run, each option declared once.
+
+Every field of :class:`Scenario` is one option, declared with :func:`opt`
+(default, unit, help, check).  From that one declaration come:
+
+* the ``apflab run`` flags, ``--name-with-dashes`` (:func:`apflab.cli.run.add_scenario_args`);
+* the Avocado params of the functional tests, ``name`` (:meth:`Scenario.from_params`);
+* the argv that runs the same scenario again inside the lab (:meth:`Scenario.argv`);
+* the ``scenario`` section of run.json and verdict.json (:meth:`Scenario.to_dict`).
+
+Adding an option is one edit here, plus the code that uses it.  Defaults are
+calibrated on the nested lab (2-core host, TCG L1, KVM L2): docs/calibration.md
+has the measurements behind them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from apflab import paths
+from apflab.errors import UsageError
+from apflab.run.pressure import PressureSpec, check_sizes
+from apflab.run.workload import PATTERNS, WorkloadSpec
+
+Check = Callable[[Any], str | None]
+
+
+def positive(value: float | None) -> str | None:
+    return None if value is None or value > 0 else "must be > 0"
+
+
+def non_negative(value: float | None) -> str | None:
+    return None if value is None or value >= 0 else "must be >= 0"
+
+
+def existing_file(value: Path | None) -> str | None:
+    return None if value is None or value.is_file() else "does not exist or is not a file"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One scenario option: the field of :class:`Scenario` of the same name.
+
+    :ivar parse: text (a flag's value, an Avocado param) → value; raises ValueError
+    :ivar check: the value → what is wrong with it, or None
+    :ivar choices: the only values allowed (shown in the help)
+    :ivar file: a file on the host: shipped into the lab, path mapped by :meth:`Scenario.argv`
+    """
+
+    name: str
+    default: Any
+    parse: Callable[[str], Any]
+    help: str
+    unit: str = ""
+    choices: tuple[str, ...] = ()
+    check: Check | None = None
+    file: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def convert(self, raw: object) -> Any:
+        """A raw value (text, or already typed from YAML) → the checked value.
+
+        :raises ValueError: with one line saying what is wrong
+        """
+        if raw is None:
+            return self.default
+        text = str(raw)
+        try:
+            value = self.parse(text)
+        except ValueError:
+            kinds: dict[object, str] = {int: "an integer", float: "a number"}
+            kind = kinds.get(self.parse, "valid")
+            raise ValueError(f"{text!r} is not {kind}") from None
+        if self.choices and value not in self.choices:
+            raise ValueError(f"{text!r} is not one of {', '.join(self.choices)}")
+        problem = self.check(value) if self.check is not None else None
+        if problem:
+            raise ValueError(f"{text} {problem}" if self.file else f"{text!r} {problem}")
+        return value
+
+    def to_json(self, value: Any) -> Any:
+        return str(value) if isinstance(value, Path) else value
+
+
+def opt(
+    help: str,
+    *,
+    parse: Callable[[str], Any] = str,
+    unit: str = "",
+    choices: tuple[str, ...] = (),
+    check: Check | None = None,
+    file: bool = False,
+) -> dict[str, Any]:
+    """The metadata that makes a :class:`Scenario` field an option (see the module doc):
+    ``name: int = field(default=3, metadata=opt("what it is", parse=int))``."""
+    meta = {"parse": parse, "help": help, "unit": unit, "choices": choices, "check": check}
+    return {"option": {**meta, "file": file}}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Everything that defines one run (all of it recorded in run.json)."""
+
+    kernel: Path | None = field(
+        default=None,
+        metadata=opt(
+            "guest bzImage to judge (default: the image's)",
+            parse=Path,
+            check=existing_file,
+            file=True,
+        ),
+    )
+    initrd: Path | None = field(
+        default=None,
+        metadata=opt(
+            "initrd for --kernel (default: the image's)", parse=Path, check=existing_file, file=True
+        ),
+    )
+    cmdline: str = field(default="", metadata=opt("extra guest kernel command line"))
+    image: str = field(default="guest", metadata=opt("guest image recipe (guest_images/NAME)"))
+    guest_memory: int = field(
+        default=1024, metadata=opt("guest RAM", parse=int, unit="MB", check=positive)
+    )
+    guest_cpus: int | None = field(
+        default=None,
+        metadata=opt(
+            "guest vCPUs; default: 2 on a KVM host, 1 inside the nested lab",
+            parse=int,
+            check=positive,
+        ),
+    )
+    limit: int = field(
+        default=256,
+        metadata=opt("memory limit on the guest's QEMU", parse=int, unit="MB", check=positive),
+    )
+    swap: int = field(
+        default=2048,
+        metadata=opt(
+            "swap file size when no swap disk is given", parse=int, unit="MB", check=positive
+        ),
+    )
+    swap_device: str | None = field(default=None, metadata=opt("use this block device as swap"))
+    guest_thp: str = field(
+        default="auto",
+        metadata=opt(
+            "back guest RAM with transparent huge pages; auto: off under cgroup v1 "
+            "(THP-backed QEMU was OOM-killed there), on under v2",
+            choices=("auto", "on", "off"),
+        ),
+    )
+    working_set: int = field(
+        default=100, metadata=opt("per process", parse=int, unit="MB", check=positive)
+    )
+    procs: int = field(
+        default=3, metadata=opt("guest processes touching memory", parse=int, check=positive)
+    )
+    rounds: int = field(
+        default=2, metadata=opt("passes after the first fill", parse=int, check=non_negative)
+    )
+    pattern: str = field(default="bursty", metadata=opt("access pattern", choices=PATTERNS))
+    pause_ms: int = field(
+        default=500, metadata=opt("sleep between rounds", parse=int, unit="MS", check=non_negative)
+    )
+    seed: int = field(default=1, metadata=opt("random seed of the access pattern", parse=int))
+    deadline: float = field(
+        default=300.0,
+        metadata=opt(
+            "workload deadline; passing it with page-readies outstanding is a FAIL",
+            parse=float,
+            unit="S",
+            check=positive,
+        ),
+    )
+    trace_buffer_kb: int = field(
+        default=8192,
+        metadata=opt("trace ring buffer per CPU", parse=int, unit="KB", check=positive),
+    )
+    accel: str | None = field(
+        default=None,
+        metadata=opt(
+            "tcg: pressure machinery only, no async PF (never a PASS)", choices=("kvm", "tcg")
+        ),
+    )
+
+    # -- the derivations -----------------------------------------------------
+    @staticmethod
+    def options() -> list[Option]:
+        """The declared options, in declaration order."""
+        out = []
+        for f in dataclasses.fields(Scenario):
+            meta = f.metadata["option"]
+            out.append(Option(f.name, f.default, **meta))
+        return out
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, object]) -> Scenario:
+        """Options from raw values (text or typed); missing ones keep their defaults.
+
+        :raises UsageError: a value does not parse or fails its check (one line)
+        """
+        fields: dict[str, Any] = {}
+        for opt in cls.options():
+            try:
+                fields[opt.name] = opt.convert(values.get(opt.name))
+            except ValueError as err:
+                raise UsageError(f"{opt.name}: {err}") from None
+        return cls(**fields)
+
+    @classmethod
+    def from_params(cls, params: Any, **overrides: object) -> Scenario:
+        """From Avocado params of the same names (``-p limit=192``, yaml_to_mux)."""
+        values = {o.name: params.get(o.name, default=None) for o in cls.options()}
+        return cls.from_values({**values, **overrides})
+
+    def argv(self, file_dir: str | None = None) -> list[str]:
+        """The ``apflab run`` options that reproduce this scenario (non-defaults only).
+
+        :param file_dir: where the files of ``file`` options are inside the lab
+        """
+        argv: list[str] = []
+        for opt in self.options():
+            value = getattr(self, opt.name)
+            if value == opt.default:
+                continue
+            if opt.file and file_dir is not None:
+                value = Path(file_dir) / Path(value).name
+            argv += [opt.flag, str(value)]
+        return argv
+
+    def files(self) -> list[Path]:
+        """The host files this scenario needs (to ship into the lab)."""
+        return [v for o in self.options() if o.file and (v := getattr(self, o.name)) is not None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {o.name: o.to_json(getattr(self, o.name)) for o in self.options()}
+
+    def validate(self) -> None:
+        """Every option's own check, then whether the sizes fit together.
+
+        :raises UsageError: one line naming the option and the fix
+        """
+        for opt in self.options():
+            value = getattr(self, opt.name)
+            if value != opt.default:
+                try:
+                    opt.convert(value)
+                except ValueError as err:
+                    raise UsageError(f"{opt.flag}: {err}") from None
+        check_sizes(self.pressure_spec(), self.workload_spec().total_mb, self.guest_memory)
+
+    # -- views for the parts of the experiment -------------------------------
+    def pressure_spec(self) -> PressureSpec:
+        """Inside the lab a scenario without a swap device uses L1's swap disk."""
+        return PressureSpec(
+            limit_mb=self.limit,
+            swap_mb=self.swap,
+            swap_device=self.swap_device or paths.lab_swap_device(),
+            guest_thp=None if self.guest_thp == "auto" else self.guest_thp == "on",
+        )
+
+    def workload_spec(self) -> WorkloadSpec:
+        return WorkloadSpec(
+            mb=self.working_set,
+            procs=self.procs,
+            rounds=self.rounds,
+            pattern=self.pattern,
+            pause_ms=self.pause_ms,
+            seed=self.seed,
+        )
+
+    def guest_cpus_here(self) -> int:
+        return self.guest_cpus or paths.default_guest_cpus()

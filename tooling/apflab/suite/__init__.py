@@ -1,0 +1,1 @@
+"""The project's own test suite and benchmarks: ``apflab check-functional``, ``apflab bench``."""

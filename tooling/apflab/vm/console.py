@@ -1,0 +1,84 @@
+"""A guest's serial console: watched while it boots, read for fatal lines after.
+
+The console is a file QEMU writes (``-chardev file``); it is the one channel
+that still speaks when SSH no longer does (a stalled or panicked kernel).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+from apflab.errors import GuestPanic
+
+# Console lines that end a boot at once: the kernel will not recover from these.
+PANIC_PATTERNS = (
+    re.compile(r"Kernel panic - not syncing.*"),
+    re.compile(r"BUG: .*"),
+    re.compile(r"general protection fault.*"),
+)
+
+
+class ConsoleWatch:
+    """Reads a growing console log incrementally and spots fatal lines."""
+
+    def __init__(self, path: Path, layer: str) -> None:
+        self.path = path
+        self.layer = layer
+        self._offset = 0
+        self._partial = ""
+        self.last_growth = time.monotonic()
+        self.last_line = ""
+
+    def poll(self) -> list[str]:
+        """Return complete new lines; raise :class:`GuestPanic` on a fatal one."""
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        self._offset += len(data)
+        if data:
+            self.last_growth = time.monotonic()
+        text = self._partial + data.decode(errors="replace").replace("\r", "")
+        lines = text.split("\n")
+        self._partial = lines.pop()
+        for line in reversed(lines):
+            if line.strip():
+                self.last_line = line.strip()
+                break
+        for line in lines:
+            for pat in PANIC_PATTERNS:
+                m = pat.search(line)
+                if m:
+                    raise GuestPanic(
+                        f"{self.layer}: kernel reported a fatal error on its console: "
+                        f"{m.group(0).strip()} (see {self.path})",
+                        self.layer,
+                        m.group(0).strip(),
+                    )
+        return lines
+
+
+def console_faults(path: Path) -> list[str]:
+    """Fatal kernel lines (panic, BUG, GP fault) in a console log, one each."""
+    try:
+        text = path.read_text(errors="replace").replace("\r", "")
+    except OSError:
+        return []
+    return [
+        m.group(0).strip()
+        for line in text.splitlines()
+        for pat in PANIC_PATTERNS
+        if (m := pat.search(line))
+    ]
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        data = path.read_bytes()[-16384:].decode(errors="replace").replace("\r", "")
+    except OSError:
+        return ""
+    return "\n".join(data.splitlines()[-lines:])

@@ -83,6 +83,9 @@ def test_quirk_ack_triggered_ready_is_not_back_to_back() -> None:
     #   913 ACK           32.494292  (the ACK of 0x6c001)
     assert (e["ack_triggered_ready"], e["back_to_back"], e["unacked_at_end"]) == (1, 0, 0)
     assert samples(a.ack_triggered_lead) == [16]  # 32.493862 - 32.493846
+    # 0x6c001 is the queued page-ready: its page completed at 32.493269 (line 62) and it
+    # waited in KVM's queue until the ACK of 0x6d001 dequeued it at 32.493846
+    assert samples(a.latency["queued_completed_to_ready"]) == [577]
     # ready→ACK, each ACK to the oldest un-ACKed ready:
     #   0x63001 .449917→.451582 1665   0x64001 .462792→.463558 766
     #   0x65001 .465398→.465955 557    0x66001 .469313→.470308 995

@@ -40,7 +40,7 @@ def test_report_has_verdict_tables_and_embedded_pngs(tmp_path: Path) -> None:
         assert name in page
     assert "every_not_present_readied" in page and "FAILED" in page
     images = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    assert len(images) == 5  # 4 latency metrics + the timeline
+    assert len(images) == len(METRICS) + 1  # one per latency metric + the timeline
     assert all(base64.b64decode(i).startswith(b"\x89PNG\r\n\x1a\n") for i in images)
     assert "0x3d000" in page  # the never-readied tokens are listed
     assert "http://" not in page and "https://" not in page  # nothing fetched from outside

@@ -102,6 +102,8 @@ class AckMatcher:
         self.back_to_back_gap = Histogram()
         self.halt_path_latency = Histogram()
         self.ack_triggered_lead = Histogram()
+        #: completed → ready of the readies an ACK dequeued (the queued page-readies)
+        self.queued_completed_to_ready = Histogram()
         self._examples = examples
         self._replay = replay
 
@@ -137,28 +139,30 @@ class AckMatcher:
     def on_ready(self, vcpu: VcpuState, ts_us: int, token: Token) -> None:
         """``token`` was readied on ``vcpu``: wait for its ACK, or not."""
         delivery = token.delivery
+        completed_us = -1 if token.completed_us is None else token.completed_us
         if delivery is _INTERRUPT:
             vcpu.stats.interrupt_ready += 1
-            self._await_ack(vcpu, ts_us, token.token, token.not_present_us)
+            self._await_ack(vcpu, ts_us, token.token, token.not_present_us, completed_us)
         elif delivery is _HALT:
             vcpu.stats.halt_ready += 1
             self.halt_path_latency.record(ts_us - token.not_present_us)
         else:  # heuristic classification: a candidate until an ACK says otherwise
-            self._add_candidate(
-                vcpu, _new_ready(DeliveredReady, (ts_us, token.token, token.not_present_us))
-            )
+            ready = (ts_us, token.token, token.not_present_us, completed_us)
+            self._add_candidate(vcpu, _new_ready(DeliveredReady, ready))
         vcpu.ready_right_before_us = ts_us
 
     def on_wake_all(self, vcpu: VcpuState, ts_us: int) -> None:
         """A wake-all ready: always interrupt-delivered."""
-        self._await_ack(vcpu, ts_us, WAKE_ALL_TOKEN, -1)
+        self._await_ack(vcpu, ts_us, WAKE_ALL_TOKEN, -1, -1)
         vcpu.ready_right_before_us = ts_us
 
-    def _await_ack(self, vcpu: VcpuState, ts_us: int, token: int, not_present_us: int) -> None:
+    def _await_ack(
+        self, vcpu: VcpuState, ts_us: int, token: int, not_present_us: int, completed_us: int
+    ) -> None:
         awaiting = vcpu.awaiting_ack
         if awaiting and not self.heuristic:
-            vcpu.maybe_back_to_back = (ts_us - awaiting[-1].ready_us, ts_us)
-        awaiting.append(_new_ready(DeliveredReady, (ts_us, token, not_present_us)))
+            vcpu.maybe_back_to_back = (ts_us - awaiting[-1].ready_us, ts_us, completed_us)
+        awaiting.append(_new_ready(DeliveredReady, (ts_us, token, not_present_us, completed_us)))
         if len(awaiting) > MAX_AWAITING_ACK:
             oldest = awaiting.popleft()
             self.ready_to_ack.record(ts_us - oldest.ready_us, censored=True)
@@ -171,11 +175,12 @@ class AckMatcher:
         if suspect is None:
             return
         vcpu.maybe_back_to_back = None
-        gap_us, ready_us = suspect
+        gap_us, ready_us, completed_us = suspect
         stats = vcpu.stats
         if is_ack:
             stats.ack_triggered_ready += 1
             self.ack_triggered_lead.record(ts_us - ready_us)
+            self._queued(ready_us, completed_us)
         else:
             stats.back_to_back += 1
             self.back_to_back_gap.record(gap_us)
@@ -184,6 +189,12 @@ class AckMatcher:
                 "back_to_back",
                 f"{stats.label}: ready at {ready_us} us, {gap_us} us after an un-ACKed one",
             )
+
+    def _queued(self, ready_us: int, completed_us: int) -> None:
+        """A ready dequeued by an ACK: its page had completed and waited in KVM's
+        queue until the ACK freed the guest's slot; a late ACK adds its delay here."""
+        if completed_us >= 0:
+            self.queued_completed_to_ready.record(ready_us - completed_us)
 
     # -- ACKs ---------------------------------------------------------------------
     def on_ack(self, vcpu: VcpuState, ts_us: int) -> None:
@@ -243,6 +254,7 @@ class AckMatcher:
                 triggered = awaiting.pop()
                 stats.ack_triggered_ready += 1
                 self.ack_triggered_lead.record(ts_us - triggered.ready_us)
+                self._queued(triggered.ready_us, triggered.completed_us)
         acked = awaiting.pop()
         if acked.token != WAKE_ALL_TOKEN:
             stats.interrupt_ready += 1

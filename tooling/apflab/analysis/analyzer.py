@@ -226,6 +226,7 @@ class _Analyzer:
                 "completed_to_ready": self.completions.completed_to_ready,
                 "ready_to_ack": self.acks.ready_to_ack,
                 "back_to_back_gap": self.acks.back_to_back_gap,
+                "queued_completed_to_ready": self.acks.queued_completed_to_ready,
             },
             invariants={},
             vcpus=stats,

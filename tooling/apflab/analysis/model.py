@@ -15,7 +15,13 @@ from apflab.analysis.stats import Histogram
 #: KVM's ``ASYNC_PF_PER_VCPU``: most tokens a vCPU may have outstanding.
 MAX_OUTSTANDING_PER_VCPU = 64
 #: The latency metrics of the verdict.json contract, in order.
-METRICS = ("not_present_to_ready", "completed_to_ready", "ready_to_ack", "back_to_back_gap")
+METRICS = (
+    "not_present_to_ready",
+    "completed_to_ready",
+    "ready_to_ack",
+    "back_to_back_gap",
+    "queued_completed_to_ready",
+)
 #: How the interrupt/halt class of a token was decided: from the #PF injection
 #: that follows its not_present (see :mod:`apflab.analysis.acks`).
 CLASSIFICATION_PF = "pf"

@@ -58,6 +58,7 @@ class DeliveredReady(NamedTuple):
     ready_us: int
     token: int
     not_present_us: int  #: -1 for a wake-all
+    completed_us: int  #: its kvm_async_pf_completed, -1 if not seen (yet) or a wake-all
 
 
 class VcpuState:
@@ -91,10 +92,11 @@ class VcpuState:
         #: interrupt-delivered readies awaiting their ACK, oldest first
         #: (heuristic classification: the candidates)
         self.awaiting_ack: deque[DeliveredReady] = deque()
-        #: ``(gap_us, ready_us)`` of a ready that came while an older one was
-        #: un-ACKed: the next event on this vCPU decides (an ACK → ACK-triggered,
-        #: anything else → back-to-back)
-        self.maybe_back_to_back: tuple[int, int] | None = None
+        #: ``(gap_us, ready_us, completed_us)`` of a ready that came while an older
+        #: one was un-ACKed: the next event on this vCPU decides (an ACK →
+        #: ACK-triggered, i.e. dequeued from KVM's queue by that ACK; anything
+        #: else → back-to-back)
+        self.maybe_back_to_back: tuple[int, int, int] | None = None
         #: the time of the ready that was the previous event on this vCPU, None if
         #: that was something else (the heuristic's test for the ordering quirk)
         self.ready_right_before_us: int | None = None

@@ -99,6 +99,8 @@ class Thresholds:
             "not_present_to_ready": 100_000,
             "completed_to_ready": 50_000,
             "ready_to_ack": 25_000,
+            # provisional, ~30x stock-1's 1.6 ms until the lab calibration
+            "queued_completed_to_ready": 50_000,
         }
     )
     latency_max_us: Mapping[str, int] = field(
@@ -106,6 +108,7 @@ class Thresholds:
             "not_present_to_ready": 10_000_000,
             "completed_to_ready": 10_000_000,
             "ready_to_ack": 10_000_000,
+            "queued_completed_to_ready": 10_000_000,
         }
     )
     grace_s: float = 1.0

@@ -117,9 +117,16 @@ def render(verdict_doc: Mapping[str, Any], analysis: Analysis | None) -> str:
             "ACK-triggered, not back-to-back.</p>"
         )
     if analysis is not None:
+        th = verdict_doc.get("thresholds") or {}
         for metric in METRICS:
+            bounds = {
+                label: th[key][metric]
+                for label, key in (("p99", "latency_p99_us"), ("max", "latency_max_us"))
+                if metric in (th.get(key) or {})
+            }
             parts.append(f"<h3>{_e(metric)}</h3>")
-            parts.append(_img(plots.latency_png(metric, analysis.latency[metric]), metric))
+            png = plots.latency_png(metric, analysis.latency[metric], bounds)
+            parts.append(_img(png, metric))
         parts.append("<h2>Outstanding async PFs per vCPU</h2>")
         parts.append(_img(plots.timeline_png(analysis.timeline), "outstanding per vCPU"))
         if analysis.outstanding_at_end:

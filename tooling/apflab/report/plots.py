@@ -7,6 +7,7 @@ and the figures never touch whatever backend a caller's pyplot uses.
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from apflab.analysis.stats import Bucket, Histogram
@@ -35,12 +36,16 @@ def _new_figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def latency_png(metric: str, hist: Histogram) -> bytes:
+def latency_png(metric: str, hist: Histogram, bounds: Mapping[str, int] | None = None) -> bytes:
     """CDF (left) and histogram (right) of one latency metric, log time axis.
 
     Censored samples (lower bounds: still outstanding at the end) are drawn in
     red: as crosses on the CDF and as a red stack in the histogram, and their
     number is in the title, so a stall is visible at a glance.
+
+    :param bounds: the verdict's bounds for this metric (``{"p99": us, "max": us}``),
+        drawn on the CDF: the curve must reach 0.99 left of the p99 line and 1 left
+        of the max line
     """
     fig = _new_figure(9.0, 3.2)
     ax_cdf, ax_hist = fig.subplots(1, 2)
@@ -56,6 +61,7 @@ def latency_png(metric: str, hist: Histogram) -> bytes:
             ax.set_yticks([])
         return _png(fig)
     _draw_cdf(ax_cdf, hist, buckets)
+    _draw_bounds(ax_cdf, bounds or {})
     _draw_hist(ax_hist, buckets)
     return _png(fig)
 
@@ -107,6 +113,18 @@ def _draw_cdf(ax: Axes, hist: Histogram, buckets: list[Bucket]) -> None:
     ax.set_ylabel("fraction ≤ x")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
+
+
+_BOUND_STYLE = {"p99": ("tab:orange", 0.99), "max": ("tab:purple", 1.0)}
+
+
+def _draw_bounds(ax: Axes, bounds: Mapping[str, int]) -> None:
+    for label, value in bounds.items():
+        colour, level = _BOUND_STYLE.get(label, ("black", 1.0))
+        ax.axvline(value, color=colour, linestyle="--", linewidth=1, label=f"{label} bound")
+        ax.plot([value], [level], "o", color=colour, markersize=4)
+    if bounds:
+        ax.legend(fontsize=8, loc="lower right")
 
 
 def _draw_hist(ax: Axes, buckets: list[Bucket]) -> None:

@@ -83,11 +83,16 @@ class NestedLab(Test):
             return proc
 
         up = apflab("lab", "up", "--log-dir", str(Path(self.logdir) / "L1"))
+        run_id = None
         try:
             self.assertEqual(up.returncode, 0, up.stderr)
             self.assertIn("KVM_CAP_ASYNC_PF_INT=1", up.stdout)
-            self.assertEqual(apflab("lab", "status").returncode, 0)
-            self.assertTrue(leftovers.qemu_processes(), "L1 should outlive `lab up`")
+            status = apflab("lab", "status")
+            self.assertEqual(status.returncode, 0)
+            # "lab up: run lab-<id>, L1 pid ...": only this lab's things are ours to check
+            # (other apflab runs on the machine are not)
+            run_id = status.stdout.split("run ", 1)[1].split(",", 1)[0]
+            self.assertTrue(leftovers.qemu_processes(run_id), "L1 should outlive `lab up`")
 
             doctor = apflab(
                 "lab", "run", "--results", str(results), "--", "apflab", "doctor", "--json"
@@ -115,4 +120,5 @@ class NestedLab(Test):
         finally:
             down = apflab("lab", "down")
         self.assertEqual(down.returncode, 0, down.stderr)
-        self.assertEqual(leftovers.find(), [], "lab down left something behind")
+        self.assertIsNotNone(run_id)
+        self.assertEqual(leftovers.find(run_id), [], "lab down left something behind")

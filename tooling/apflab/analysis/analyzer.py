@@ -30,7 +30,12 @@ from pathlib import Path
 from apflab.analysis.acks import AckMatcher
 from apflab.analysis.classify import AUTO, choose_classification
 from apflab.analysis.invariants import check_invariants
-from apflab.analysis.model import CLASSIFICATION_HEURISTIC, CLASSIFICATION_PF, Analysis
+from apflab.analysis.model import (
+    CLASSIFICATION_HEURISTIC,
+    CLASSIFICATION_PF,
+    Analysis,
+    OutstandingToken,
+)
 from apflab.analysis.parse import WAKE_ALL_TOKEN, Event, Kind, ParseStats, iter_events, open_trace
 from apflab.analysis.state import Delivery, VcpuState
 from apflab.analysis.summary import event_counts, vcpus_in_order
@@ -289,6 +294,46 @@ def analyze(
     for event in stream:
         feed(event)
     return analyzer.finish(end_ts_us)
+
+
+class LiveAnalysis:
+    """The analysis of a trace still being written: feed events as they come and ask
+    how long the oldest token has been outstanding (live stall detection).
+
+    The trace must hold the ``kvm_inj_exception`` #PF events (apflab's tracer
+    enables them), so no look-ahead is needed to classify.
+    """
+
+    def __init__(self, vcpu_of_pid: Mapping[int, int] | None = None) -> None:
+        self._analyzer = _Analyzer(vcpu_of_pid, 1_000_000, 1_000_000, 512, 1_000)
+        self._analyzer.use_classification(
+            CLASSIFICATION_PF, "interrupt/halt path from the #PF injection"
+        )
+
+    def feed(self, events: Iterable[Event]) -> None:
+        feed = self._analyzer.feed
+        for event in events:
+            feed(event)
+
+    @property
+    def now_us(self) -> int | None:
+        """The newest timestamp seen (a trace marker written now makes it "now")."""
+        return self._analyzer.last_us
+
+    def oldest_outstanding(self) -> OutstandingToken | None:
+        """The token outstanding longest (its age up to :attr:`now_us`), if any."""
+        now = self.now_us
+        oldest: OutstandingToken | None = None
+        for vcpu in self._analyzer.vcpus.values():
+            for t in vcpu.outstanding.values():
+                if oldest is None or t.not_present_us < oldest.since_us:
+                    age = max(0, (now or t.not_present_us) - t.not_present_us)
+                    stats = vcpu.stats
+                    completed = t.completed_us is not None
+                    oldest = OutstandingToken(
+                        stats.vcpu, stats.pid, t.token, t.gva, t.not_present_us, age, completed
+                    )
+        return oldest
 
 
 def analyze_trace(

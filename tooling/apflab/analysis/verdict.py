@@ -146,6 +146,8 @@ class Evidence:
     :ivar apf_enabled: async PF (interrupt delivery) was enabled in the guest
     :ivar workload_completed: the workload finished
     :ivar deadline_passed: the workload was still running at its deadline
+    :ivar workload_stalled: the workload was stopped early because a token stayed
+        outstanding past the stall bound while the trace streamed
     :ivar deadline_s: that deadline
     :ivar workload_seconds: how long the workload ran
     :ivar errors: infrastructure faults (each one line): the verdict is ERROR
@@ -168,6 +170,7 @@ class Evidence:
     apf_enabled: bool | None = None
     workload_completed: bool = False
     deadline_passed: bool = False
+    workload_stalled: bool = False
     deadline_s: float | None = None
     workload_seconds: float | None = None
     errors: Sequence[str] = ()
@@ -287,6 +290,8 @@ def _stall(analysis: Analysis, ev: Evidence, th: Thresholds) -> str | None:
         why = "workload deadline passed"
         if ev.deadline_s is not None:
             why = f"workload deadline of {ev.deadline_s:g} s passed"
+    elif ev.workload_stalled:
+        why = "stall seen while tracing: the workload was stopped"
     reason = f"page-ready never delivered: {len(chosen)} tokens outstanding for > {t} s"
     return f"{reason} ({why})" if why else reason
 
@@ -482,6 +487,7 @@ def verdict_document(
         "workload": {
             "completed": evidence.workload_completed,
             "deadline_passed": evidence.deadline_passed,
+            "stalled": evidence.workload_stalled,
             "deadline_s": evidence.deadline_s,
             "seconds": evidence.workload_seconds,
         },

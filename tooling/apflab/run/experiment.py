@@ -17,9 +17,11 @@ import json
 import logging
 import lzma
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from apflab import paths
+from apflab.analysis.verdict import Thresholds
 from apflab.errors import ApflabError, PreflightError, UsageError, VMError
 from apflab.host import kvm, tracefs
 from apflab.images.build import ensure
@@ -31,9 +33,11 @@ from apflab.run.records import (
     HostFacts,
     KernelFacts,
     RunRecord,
+    vcpu_of_pid,
     write_vcpus,
 )
 from apflab.run.scenario import Scenario
+from apflab.run.stall import StallWatch
 from apflab.run.workload import run_workload
 from apflab.undo import RemoveTree, UndoStack
 from apflab.vm import guestinfo
@@ -141,7 +145,9 @@ class _Experiment:
         with phases.phase("memory limit"):
             self.squeeze()
         with phases.phase("workload"):
-            wl = run_workload(vm, self.scenario.workload_spec(), self.scenario.deadline)
+            wl = run_workload(
+                vm, self.scenario.workload_spec(), self.scenario.deadline, self.watch(vm)
+            )
             self.rec.workload = wl
             state = "completed" if wl.completed else wl.error
             self.emit(f"          workload: {state} in {wl.seconds:.1f}s, {len(wl.rounds)} rounds")
@@ -152,6 +158,21 @@ class _Experiment:
                 self.save_trace(self.session)
         with phases.phase("guest stop"):
             vm.shutdown()
+
+    def watch(self, vm: Guest) -> Callable[[], None]:
+        """While the workload runs: the guest alive, and (when tracing) no stall."""
+        if self.session is None:
+            return vm.check_alive
+        session = self.session
+        stall = StallWatch(
+            session.out_path, session.mark, vcpu_of_pid(self.rec.vcpus), Thresholds().stall_s
+        )
+
+        def watch() -> None:
+            vm.check_alive()
+            stall.poll()
+
+        return watch
 
     def boot(self) -> Guest:
         rec = self.rec

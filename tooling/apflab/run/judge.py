@@ -34,6 +34,8 @@ def evidence(rec: RunRecord) -> verdict.Evidence:
         apf_enabled=g.async_pf.enabled if g.async_pf is not None else False,
         workload_completed=bool(wl and wl.completed),
         deadline_passed=bool(wl and wl.deadline_passed),
+        workload_stalled=bool(wl and wl.stalled),
+        workload_seconds=wl.seconds if wl else None,
         deadline_s=rec.scenario.deadline,
         errors=list(rec.errors),
         guest_faults=list(g.console_faults),

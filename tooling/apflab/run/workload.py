@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from apflab.errors import CommandError, SSHError, VMError
 from apflab.process import CmdResult, Runner
+from apflab.run.stall import Stalled
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ class WorkloadResult:
 
     :ivar completed: every process finished every round (exit status 0)
     :ivar deadline_passed: it was still running when the deadline came
+    :ivar stalled: it was stopped early: a page-ready stall was seen live
     """
 
     completed: bool
@@ -79,6 +82,8 @@ class WorkloadResult:
     rounds: list[dict[str, Any]] = field(default_factory=list)
     stderr: str = ""
     error: str = ""
+    #: stopped early because a token stayed outstanding past the stall bound
+    stalled: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,11 +102,31 @@ def parse_rounds(stdout: str) -> list[dict[str, Any]]:
     return rounds
 
 
-def run_workload(vm: Runner, spec: WorkloadSpec, deadline_s: float) -> WorkloadResult:
-    """Run the workload; never raise for a deadline, report it instead."""
+def run_workload(
+    vm: Runner,
+    spec: WorkloadSpec,
+    deadline_s: float,
+    watch: Callable[[], None] | None = None,
+) -> WorkloadResult:
+    """Run the workload; never raise for a deadline or a stall, report it instead.
+
+    :param watch: called about once a second while the workload runs; it raises
+        :class:`~apflab.run.stall.Stalled` to stop the workload early (the guest's
+        page-readies stopped: waiting for the deadline would teach nothing more)
+    """
     t0 = time.monotonic()
     try:
-        res = vm.run(spec.argv(), check=False, timeout=deadline_s)
+        kwargs = {} if watch is None else {"watch": watch}
+        res = vm.run(spec.argv(), check=False, timeout=deadline_s, **kwargs)
+    except Stalled as err:  # SSH channel closed, guest left as is
+        return WorkloadResult(
+            completed=False,
+            deadline_passed=False,
+            seconds=time.monotonic() - t0,
+            exit_status=None,
+            error=f"stopped: page-ready stall: {err}",
+            stalled=True,
+        )
     except CommandError as err:  # the deadline: SSH channel closed, guest left as is
         partial = err.result if isinstance(err.result, CmdResult) else None
         return WorkloadResult(

@@ -58,8 +58,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     lab_config = LabConfig(memory_mb=args.lab_memory, cpus=args.lab_cpus)
     results = args.results.resolve()
     doc = dispatch.run(
-        scenario, results, _emit, run_id=args.run_id, here=args.here, lab_config=lab_config
+        scenario,
+        results,
+        _emit,
+        run_id=args.run_id,
+        here=args.here,
+        lab_config=lab_config,
+        record_only=args.record_only,
     )
+    if args.record_only:
+        print(f"recorded: {doc['recorded']} (not judged here)")
+        return EXIT_OK
     print_summary(doc, results)
     return verdict_exit(doc.get("verdict"))
 
@@ -114,7 +123,13 @@ def register(sub: Any) -> None:
     r.add_argument(
         "--here",
         action="store_true",
-        help="run on this host even without usable KVM detection (used inside L1)",
+        help="run on this host even without usable KVM detection",
+    )
+    r.add_argument(
+        "--record-only",
+        action="store_true",
+        help="run here, write run.json and the trace, do not judge (the lab's inner run: "
+        "the outer host judges)",
     )
     lab = r.add_argument_group("lab (used only when this host needs the nested lab)")
     lab.add_argument("--lab-memory", type=positive_int, default=3072, metavar="MB")

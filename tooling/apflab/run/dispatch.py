@@ -11,7 +11,6 @@ A failure of the lab itself is retried on a fresh L1 under the ``lab`` policy
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from apflab.retry import POLICIES, Retrier
 from apflab.run.experiment import execute
 from apflab.run.judge import judge
 from apflab.run.phases import Emit, Phases
-from apflab.run.records import write_json
+from apflab.run.records import RUN_FILE, RunRecord, write_json
 from apflab.run.scenario import Scenario
 from apflab.undo import UndoStack
 
@@ -51,12 +50,21 @@ def run(
     run_id: str | None = None,
     here: bool = False,
     lab_config: LabConfig | None = None,
+    record_only: bool = False,
 ) -> dict[str, Any]:
-    """Run one experiment wherever real KVM is; return the verdict document."""
+    """Run one experiment wherever real KVM is; return the verdict document.
+
+    :param record_only: run here and stop at the record (run.json, the trace): the
+        outer host judges it (how the lab's inner run is called)
+    """
     scenario.validate()  # bad input fails here, in seconds, before any host change
     run_id = run_id or paths.new_run_id()
     results_root.mkdir(parents=True, exist_ok=True)
     info = kvm.probe()
+    if record_only:
+        emit(f"apflab run {run_id}: recording on this host ({info.reason})")
+        rec = execute(scenario, results_root / run_id, run_id, emit)
+        return {"run_id": run_id, "recorded": str(rec.results / "run.json")}
     if here or info.usable or scenario.accel == "tcg":
         emit(f"apflab run {run_id}: direct on this host ({info.reason})")
         doc = judge(execute(scenario, results_root / run_id, run_id, emit))
@@ -72,7 +80,7 @@ def _run_in_lab(
 ) -> dict[str, Any]:
     phases = Phases(emit)
     lab_config = replace(lab_config, kernels=tuple(scenario.files()))
-    inner = ["apflab", "run", "--here", "--run-id", run_id, "--results", L1_RESULTS]
+    inner = ["apflab", "run", "--record-only", "--run-id", run_id, "--results", L1_RESULTS]
     inner += scenario.argv(file_dir=KERNELS_MOUNT)
     retrier = Retrier(POLICIES["lab"], (ApflabError,))
 
@@ -95,21 +103,21 @@ def _run_in_lab(
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "verdict.json", failed)
         return failed
-    vfile = out / "verdict.json"
-    if not vfile.exists():
-        # the run in L1 failed before judging (e.g. bad input only L1 could see):
-        # not a lab failure, so not retried
+    if not (out / RUN_FILE).exists():
+        # the run in L1 failed before it recorded anything (e.g. bad input only L1
+        # could see): not a lab failure, so not retried
         raise LabError(
-            f"the run in L1 exited {lab_facts['inner_exit_status']} without a verdict.json; "
+            f"the run in L1 exited {lab_facts['inner_exit_status']} without a run.json; "
             "see the output above"
         )
-    doc: dict[str, Any] = json.loads(vfile.read_text())
-    doc.setdefault("phases_s", {}).update({f"host: {k}": v for k, v in phases.times.items()})
+    # judged here, not in L1: the analysis and the report cost seconds on this host
+    # and tens of seconds on L1's one emulated vCPU
+    rec = RunRecord.load(out)
+    rec.scenario = scenario  # as given here (L1 saw its kernel paths under the assets mount)
+    rec.phases.update({f"host: {k}": v for k, v in phases.times.items()})
+    rec.retries["lab"] = retrier.to_dict()
     failures = [a.error for a in retrier.attempts if a.error is not None]
-    doc["lab"] = {**lab_facts, "failures": failures}
-    doc.setdefault("retries", {})["lab"] = retrier.to_dict()
-    write_json(vfile, doc)
-    return doc
+    return judge(rec, extra={"lab": {**lab_facts, "failures": failures}})
 
 
 def _lab_attempt(

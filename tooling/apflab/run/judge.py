@@ -44,8 +44,11 @@ def evidence(rec: RunRecord) -> verdict.Evidence:
     )
 
 
-def judge(rec: RunRecord) -> dict[str, Any]:
-    """Analyse the trace and the evidence; write report.html and verdict.json."""
+def judge(rec: RunRecord, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Analyse the trace and the evidence; write report.html and verdict.json.
+
+    :param extra: more top-level keys for verdict.json (the lab's facts)
+    """
     t0 = time.monotonic()
     thresholds = verdict.Thresholds()
     analysis: Analysis | None = None
@@ -74,6 +77,7 @@ def judge(rec: RunRecord) -> dict[str, Any]:
     doc["pressure"] = rec.pressure.to_dict()
     doc["workload"] = rec.workload.to_dict() if rec.workload else None
     doc["retries"] = rec.retries
+    doc.update(extra or {})
     doc["phases_s"] = dict(rec.phases)
     doc["phases_s"]["analysis"] = round(time.monotonic() - t0, 1)
     t1 = time.monotonic()

@@ -119,6 +119,10 @@ class Counters:
     def to_dict(self) -> dict[str, Any]:
         return {"cgroup": self.cgroup, "vmstat": self.vmstat, "swap_used_kb": self.swap_used_kb}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Counters:
+        return cls(0.0, dict(d["cgroup"]), dict(d["vmstat"]), int(d["swap_used_kb"]))
+
 
 VMSTAT_KEYS = ("pswpin", "pswpout", "pgmajfault", "pgfault")
 
@@ -165,10 +169,27 @@ class PressureReport:
             "host_pgmajfault": self.delta("pgmajfault"),
             "peak_swap_mb": round(self.peak_swap_bytes / (1 << 20), 1),
             "peak_usage_mb": round(self.peak_usage_bytes / (1 << 20), 1),
+            "peak_swap_bytes": self.peak_swap_bytes,
+            "peak_usage_bytes": self.peak_usage_bytes,
             "memory_events": self.events,
             "before": self.before.to_dict() if self.before else None,
             "after": self.after.to_dict() if self.after else None,
         }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PressureReport:
+        """The report again from :meth:`to_dict` (a run.json written in the lab)."""
+        return cls(
+            before=Counters.from_dict(d["before"]) if d["before"] is not None else None,
+            after=Counters.from_dict(d["after"]) if d["after"] is not None else None,
+            peak_swap_bytes=int(d["peak_swap_bytes"]),
+            peak_usage_bytes=int(d["peak_usage_bytes"]),
+            events=dict(d["memory_events"]),
+            swap_area=d["swap_area"],
+            cgroup_path=d["cgroup"]["path"],
+            cgroup_version=int(d["cgroup"]["version"]),
+            reclaim_seconds=d["reclaim_seconds"],
+        )
 
 
 class Pressure:

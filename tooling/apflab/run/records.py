@@ -100,8 +100,13 @@ class TraceFacts:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["path"] = str(self.path) if self.path else None
+        d["path"] = self.path.name if self.path else None  # beside run.json
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], results: Path) -> TraceFacts:
+        fields = {**d, "path": results / d["path"] if d["path"] else None}
+        return cls(**fields)
 
 
 @dataclass
@@ -144,7 +149,33 @@ class RunRecord:
         }
 
     def write(self) -> Path:
-        return write_json(self.results / "run.json", self.to_dict())
+        return write_json(self.results / RUN_FILE, self.to_dict())
+
+    @classmethod
+    def load(cls, results: Path) -> RunRecord:
+        """The record of a results dir (run.json), e.g. one made inside the lab.
+
+        :raises KeyError, TypeError: run.json is not one this version wrote
+        """
+        d = json.loads((results / RUN_FILE).read_text())
+        guest = dict(d["guest"])
+        if guest["async_pf"] is not None:
+            guest["async_pf"] = ApfFacts(**guest["async_pf"])
+        return cls(
+            run_id=d["run_id"],
+            results=results,
+            scenario=Scenario.from_values(d["scenario"], check=False),
+            host=HostFacts(**d["host"]),
+            kernel=KernelFacts(**d["kernel"]) if d["kernel"] is not None else None,
+            guest=GuestFacts(**guest),
+            vcpus={int(k): int(v) for k, v in d["vcpu_threads"].items()},
+            pressure=PressureReport.from_dict(d["pressure"]),
+            workload=WorkloadResult.from_dict(d["workload"]) if d["workload"] else None,
+            trace=TraceFacts.from_dict(d["trace"], results),
+            errors=list(d["errors"]),
+            phases=dict(d["phases_s"]),
+            retries=dict(d["retries"]),
+        )
 
 
 def write_json(path: Path, doc: Any) -> Path:
@@ -153,6 +184,9 @@ def write_json(path: Path, doc: Any) -> Path:
     tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
     tmp.replace(path)
     return path
+
+
+RUN_FILE = "run.json"
 
 
 # -- vcpus.json: {cpu-index: thread id}, beside the trace -------------------------

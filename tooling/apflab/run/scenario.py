@@ -64,9 +64,11 @@ class Option:
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
-    def convert(self, raw: object) -> Any:
+    def convert(self, raw: object, check: bool = True) -> Any:
         """A raw value (text, or already typed from YAML) → the checked value.
 
+        :param check: apply the option's check (False: a recorded value, e.g. a path
+            that exists only inside the lab)
         :raises ValueError: with one line saying what is wrong
         """
         if raw is None:
@@ -80,7 +82,7 @@ class Option:
             raise ValueError(f"{text!r} is not {kind}") from None
         if self.choices and value not in self.choices:
             raise ValueError(f"{text!r} is not one of {', '.join(self.choices)}")
-        problem = self.check(value) if self.check is not None else None
+        problem = self.check(value) if self.check is not None and check else None
         if problem:
             raise ValueError(f"{text} {problem}" if self.file else f"{text!r} {problem}")
         return value
@@ -200,15 +202,16 @@ class Scenario:
         return out
 
     @classmethod
-    def from_values(cls, values: Mapping[str, object]) -> Scenario:
+    def from_values(cls, values: Mapping[str, object], check: bool = True) -> Scenario:
         """Options from raw values (text or typed); missing ones keep their defaults.
 
+        :param check: apply each option's check (False for a recorded scenario)
         :raises UsageError: a value does not parse or fails its check (one line)
         """
         fields: dict[str, Any] = {}
         for opt in cls.options():
             try:
-                fields[opt.name] = opt.convert(values.get(opt.name))
+                fields[opt.name] = opt.convert(values.get(opt.name), check)
             except ValueError as err:
                 raise UsageError(f"{opt.name}: {err}") from None
         return cls(**fields)

@@ -88,6 +88,10 @@ class WorkloadResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> WorkloadResult:
+        return cls(**d)
+
 
 def parse_rounds(stdout: str) -> list[dict[str, Any]]:
     """The per-round JSON lines printed by apflab-memtouch (others ignored)."""

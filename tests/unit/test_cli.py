@@ -10,6 +10,10 @@ from apflab.cli.exitcodes import EXIT_USAGE
 from apflab.cli.main import main
 from apflab.host import leftovers
 
+F = Path(__file__).parent / "fixtures"
+#: the real stock-1 trace cut after its first 20,000 bytes (an interrupted copy)
+TRUNCATED = F / "traces" / "truncated-stock-1.trace.xz"
+
 
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     before = leftovers.find()
@@ -42,6 +46,18 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
         (["analyze", "/nonexistent.trace"], "does not exist"),
         (["boot", "--image", "no-such-image"], "no image recipe 'no-such-image'"),
         (["lab", "run", "--", "true"], "no lab is up"),
+        (["analyze", "/etc/passwd"], "no kvm async-PF trace event in its"),
+        (["analyze", str(TRUNCATED)], "truncated or corrupt"),
+        (["analyze", "/"], "does not exist or is not a file"),
+        (["run", "--results", "/etc/passwd/x"], "--results /etc/passwd/x: cannot create it"),
+        (["run", "--trace-buffer-kb", "99999999"], "do not fit in a quarter of"),
+        (["run", "--swap-device", "/dev/nonexistent"], "does not exist: name a block device"),
+        (["run", "--guest-memory", "999999"], "--guest-memory 999999 MB does not fit"),
+        (["run", "--lab-memory", "99999999"], "--lab-memory 99999999 MB does not fit"),
+        (["boot", "--memory", "999999999"], "--memory 999999999 MB does not fit"),
+        (["run", "--limit", "abc"], "'abc' is not an integer"),
+        (["run", "--procs", "0"], "'0' must be > 0"),
+        (["run", "--rounds", "-1"], "'-1' must be >= 0"),
     ],
 )
 def test_bad_input(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -24,6 +24,8 @@ long tail, never as a fast median.
 
 from __future__ import annotations
 
+import lzma
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -41,6 +43,7 @@ from apflab.analysis.state import Delivery, VcpuState
 from apflab.analysis.summary import event_counts, vcpus_in_order
 from apflab.analysis.timeline import TimelineBuilder
 from apflab.analysis.tokens import CompletionMatcher, TokenTracker
+from apflab.errors import AnalysisError
 
 _READY, _COMPLETED, _ACK, _PF, _PF_RE, _MARKER = (
     Kind.READY,
@@ -352,9 +355,16 @@ def analyze_trace(
     :param grace_us: as for :func:`analyze`
     :returns: the analysis and what the parser counted (header, unparsed and
         malformed lines)
-    :raises AnalysisError: the trace cannot be opened
+    :raises AnalysisError: the trace cannot be opened or read to its end (a
+        truncated or corrupt ``.xz``/``.gz``, a directory)
     """
     stats = ParseStats()
-    with open_trace(path) as f:
-        analysis = analyze(iter_events(f, stats), vcpu_of_pid, grace_us=grace_us)
+    try:
+        with open_trace(path) as f:
+            analysis = analyze(iter_events(f, stats), vcpu_of_pid, grace_us=grace_us)
+    except (OSError, EOFError, lzma.LZMAError, zlib.error) as err:
+        raise AnalysisError(
+            f"cannot read trace {path} to its end ({err or type(err).__name__}): "
+            "truncated or corrupt?"
+        ) from err
     return analysis, stats

@@ -12,6 +12,7 @@ from apflab.analysis import verdict
 from apflab.analysis.analyzer import analyze_trace
 from apflab.cli.args import existing_file, positive_int
 from apflab.cli.exitcodes import EXIT_OK, verdict_exit
+from apflab.errors import AnalysisError, UsageError
 from apflab.lab.l1 import LabConfig
 from apflab.run import dispatch
 from apflab.run.records import VCPUS_FILE, read_vcpus, vcpu_of_pid
@@ -57,6 +58,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     scenario = scenario_from_args(args)
     lab_config = LabConfig(memory_mb=args.lab_memory, cpus=args.lab_cpus)
     results = args.results.resolve()
+    try:
+        results.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(
+            f"--results {args.results}: cannot create it ({err.strerror}): pass a writable dir"
+        ) from None
     doc = dispatch.run(
         scenario,
         results,
@@ -96,7 +103,15 @@ def print_summary(doc: dict[str, Any], results_root: Path) -> None:
 def cmd_analyze(args: argparse.Namespace) -> int:
     vcpus_file = args.vcpus or args.trace.parent / VCPUS_FILE
     vcpus = vcpu_of_pid(read_vcpus(vcpus_file)) if vcpus_file.is_file() else None
-    analysis, _ = analyze_trace(args.trace, vcpus)
+    try:
+        analysis, stats = analyze_trace(args.trace, vcpus)
+    except AnalysisError as err:  # the user's file: bad input, not a fault of ours
+        raise UsageError(str(err)) from err
+    if stats.events == 0:
+        raise UsageError(
+            f"{args.trace}: no kvm async-PF trace event in its {stats.lines} lines: pass a "
+            "trace apflab captured (results/<run>/trace.txt.xz) or tracefs text"
+        )
     lost = None
     run_json = args.trace.parent / "run.json"
     if run_json.exists():  # a results dir: the tracer's loss counters were recorded there

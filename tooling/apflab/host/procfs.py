@@ -25,3 +25,19 @@ def parse_flat_keyed(text: str) -> dict[str, int]:
 def vmstat() -> dict[str, int]:
     """The host's /proc/vmstat."""
     return parse_flat_keyed(Path("/proc/vmstat").read_text())
+
+
+def parse_meminfo(text: str) -> dict[str, int]:
+    """/proc/meminfo → ``{name: kB}``."""
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        name, sep, rest = line.partition(":")
+        fields = rest.split()
+        if sep and fields and fields[0].isdigit():
+            out[name.strip()] = int(fields[0])
+    return out
+
+
+def mem_available_mb() -> int:
+    """What the host could still give a VM without swapping (MemAvailable)."""
+    return parse_meminfo(Path("/proc/meminfo").read_text())["MemAvailable"] // 1024

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from apflab import paths
-from apflab.errors import CommandError, UsageError
+from apflab.errors import CommandError, PreflightError, UsageError
 from apflab.kernel import bzimage, fragments, make, patches, sources
 from apflab.kernel import cache as kcache
 from apflab.kernel.cache import KernelBuildError
@@ -155,14 +155,15 @@ class _Plan:
 
 
 # -- check ---------------------------------------------------------------------
-def check(spec: KernelSpec, progress: Progress = _print, cache_root: Path | None = None) -> None:
+def check(spec: KernelSpec, progress: Progress = _print, cache: Path | None = None) -> None:
     """Everything checkable before a build, in seconds (plus a first fetch and extract).
 
     :raises UsageError: one line naming the file and the fix: a missing source, a Debian
         source apt does not offer, a patch that is missing, not a diff, or does not apply,
         a config line that is malformed, ``=m``, or names no Kconfig symbol of the source
+    :raises PreflightError: the host lacks a build tool (flex, bison, libelf-dev...)
     """
-    _plan(spec, progress, kcache.cache_dir(cache_root))
+    _plan(spec, progress, kcache.cache_dir(cache))
 
 
 def _plan(spec: KernelSpec, progress: Progress, root: Path) -> _Plan:
@@ -172,6 +173,7 @@ def _plan(spec: KernelSpec, progress: Progress, root: Path) -> _Plan:
     for path, data in user:
         fragments.parse_fragment(data.decode(), str(path))
     patch_texts = [patches.read_patch(p) for p in spec.patches]
+    toolchain = _toolchain()
     ref = sources.resolve(spec.source)
     tree = sources.extracted(ref, root, progress)
     version = sources.parse_kernel_version((tree / "Makefile").read_text()[:2000])
@@ -183,7 +185,6 @@ def _plan(spec: KernelSpec, progress: Progress, root: Path) -> _Plan:
     fragments.check_symbols(settings, known | added, ref.describe())
     if spec.patches:
         patches.dry_run(tree, spec.patches, ref.describe())
-    toolchain = _toolchain()
     patch_bytes = tuple((p, t.encode()) for p, t in zip(spec.patches, patch_texts, strict=True))
     config_bytes = [data for _p, data in configs]
 
@@ -247,6 +248,11 @@ def _read_fragment_bytes(path: Path) -> bytes:
 
 def _toolchain() -> str:
     """The compiler and linker version lines: a host upgrade is a new key."""
+    missing = make.missing_tools()
+    if missing:
+        raise PreflightError(
+            f"building a kernel needs {', '.join(missing)}: apt-get install {' '.join(missing)}"
+        )
     try:
         gcc = run(["gcc", "--version"]).stdout.splitlines()[0]
         ld = run(["ld", "--version"]).stdout.splitlines()[0]
@@ -379,7 +385,7 @@ def _build_incremental(plan: _Plan, root: Path, say: Progress) -> BuiltKernel:
     """Build a patched key from a clone of its unpatched base tree, at the base's path."""
     base_plan = dataclasses.replace(plan, patches=(), key=plan.base_key)
     tree, aside, complete = _base_paths(root, plan)
-    with kcache.locked(root / f"{base_plan.key16}.lock", say, "the unpatched base"):
+    with kcache.locked(root / f"{base_plan.key16}.lock", say, f"from the base {base_plan.key16}"):
         _restore_base(root, plan)
         if not complete.is_file():
             say(f"base: no built tree of the unpatched kernel {base_plan.key16}; building it")
@@ -576,6 +582,8 @@ def _publish(
         "bzimage_bytes": (staging / "bzImage").stat().st_size,
         "version": header.version,
     }
+    if how == "incremental":
+        built["base"] = plan.base_key[:16]
     meta = {
         "key": plan.key,
         "release": release,

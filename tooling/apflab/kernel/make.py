@@ -12,11 +12,13 @@ import queue
 import re
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO
 
 from apflab.kernel.cache import KernelBuildError
@@ -138,6 +140,63 @@ def run_make(
         first = errors[0] if errors else f"exit status {status}"
         raise KernelBuildError(f"`{' '.join(args[:1] + args[-1:])}` failed: {first}")
     return counts
+
+
+def run_long(
+    argv: Sequence[str | os.PathLike[str]],
+    progress: Callable[[str], None],
+    what: str,
+    cwd: Path | None = None,
+) -> None:
+    """Run a long quiet command (tar, apt-get download), saying so every :data:`HEARTBEAT_S`.
+
+    :raises KernelBuildError: it exited non-zero (with the tail of its output)
+    """
+    args = [os.fspath(a) for a in argv]
+    start = time.monotonic()
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=cwd
+        )
+        try:
+            while True:
+                try:
+                    status = proc.wait(timeout=HEARTBEAT_S)
+                    break
+                except subprocess.TimeoutExpired:
+                    progress(f"{what}: {time.monotonic() - start:.0f}s")
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        if status != 0:
+            out.seek(0)
+            tail = out.read()[-2000:].decode(errors="replace").strip().splitlines()
+            raise KernelBuildError(
+                f"`{' '.join(args)}` exited {status}: {tail[-1] if tail else 'no output'}"
+            )
+
+
+#: host programs a build runs (objtool also needs libelf's headers: see :func:`missing_tools`)
+TOOLS = {
+    "make": "make",
+    "gcc": "gcc",
+    "ld": "binutils",
+    "flex": "flex",
+    "bison": "bison",
+    "bc": "bc",
+    "patch": "patch",
+    "tar": "tar",
+    "xz": "xz-utils",
+}
+
+
+def missing_tools() -> list[str]:
+    """Debian packages a kernel build needs that this host lacks."""
+    missing = [pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None]
+    if not Path("/usr/include/gelf.h").is_file():
+        missing.append("libelf-dev")
+    return missing
 
 
 def _pump(stream: IO[str], lines: queue.Queue[str | None]) -> None:

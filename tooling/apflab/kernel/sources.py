@@ -29,6 +29,7 @@ from pathlib import Path
 
 from apflab.errors import CommandError, UsageError
 from apflab.kernel import cache
+from apflab.kernel.make import run_long
 from apflab.process import run
 
 #: source name -> Debian package providing /usr/src/<package>.tar.xz
@@ -151,16 +152,15 @@ def _fetch_debian_tarball(ref: SourceRef, work: Path, progress: Progress) -> Pat
     if os.geteuid() == 0:  # _apt cannot write to a root-owned work dir; avoid the warning
         argv[1:1] = ["-o", "APT::Sandbox::User=root"]
     try:
-        run(argv, cwd=work, timeout=1800)
-    except CommandError as err:
+        run_long(argv, progress, "fetch source: apt-get download", cwd=work)
+    except cache.KernelBuildError as err:
         raise cache.KernelBuildError(
-            f"kernel source {ref.name}: `apt-get download {package}={ref.version}` failed "
-            f"(network or apt sources?): {str(err).splitlines()[-1]}"
+            f"kernel source {ref.name}: apt-get download failed (network? apt sources?): {err}"
         ) from err
     debs = sorted(work.glob(f"{package}_*.deb"))
     if len(debs) != 1:
         raise cache.KernelBuildError(f"apt-get download {package}: expected one .deb in {work}")
-    run(["dpkg", "-x", debs[0], work / "deb"])
+    run_long(["dpkg", "-x", debs[0], work / "deb"], progress, "fetch source: dpkg -x")
     debs[0].unlink()
     unpacked = work / "deb" / "usr" / "src" / f"{package}.tar.xz"
     if not unpacked.is_file():
@@ -197,13 +197,17 @@ def _resolve_git(tree: Path) -> SourceRef:
     return SourceRef("git", str(tree), describe, identity, dirname, str(tree))
 
 
-def _export_git(ref: SourceRef, work: Path) -> Path:
+def _export_git(ref: SourceRef, work: Path, progress: Progress) -> Path:
     tree = Path(ref.origin)
     out = work / "tree"
     out.mkdir()
     archive = work / "head.tar"
-    run(["git", "-C", tree, "archive", "--format=tar", "-o", archive, "HEAD"], timeout=1800)
-    run(["tar", "-xf", archive, "-C", out], timeout=1800)
+    run_long(
+        ["git", "-C", tree, "archive", "--format=tar", "-o", archive, "HEAD"],
+        progress,
+        "extract: git archive",
+    )
+    run_long(["tar", "-xf", archive, "-C", out], progress, "extract: tar")
     archive.unlink()
     changed = _git(tree, "diff", "--name-only", "--no-renames", "-z", "HEAD").split("\0")
     for name in filter(None, changed):
@@ -237,11 +241,9 @@ def _extract(tarball: Path, work: Path, progress: Progress) -> Path:
     out = work / "x"
     out.mkdir()
     try:
-        run(["tar", "-xf", tarball, "-C", out, "--no-same-owner"], timeout=1800)
-    except CommandError as err:
-        raise UsageError(
-            f"kernel source {tarball}: tar cannot extract it; is it complete?"
-        ) from err
+        run_long(["tar", "-xf", tarball, "-C", out, "--no-same-owner"], progress, "extract: tar")
+    except cache.KernelBuildError as err:
+        raise UsageError(f"kernel source {tarball}: tar cannot extract it ({err})") from err
     entries = list(out.iterdir())
     return entries[0] if len(entries) == 1 and entries[0].is_dir() else out
 
@@ -276,7 +278,7 @@ def extracted(ref: SourceRef, root: Path, progress: Progress) -> Path:
             work = Path(tmp)
             if ref.kind == "git":
                 progress(f"extract: git archive {ref.origin} ({ref.version})")
-                tree = _export_git(ref, work)
+                tree = _export_git(ref, work, progress)
             else:
                 tarball = (
                     _fetch_debian_tarball(ref, work, progress)

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from apflab import paths
+from apflab.errors import UsageError
+from apflab.host import procfs
 from apflab.images.build import ensure
 from apflab.undo import UndoStack
 from apflab.vm import guestinfo
@@ -38,6 +40,12 @@ class BootRequest:
 
 def boot(request: BootRequest, hold: Callable[[Guest], None] | None = None) -> dict[str, Any]:
     """Boot, collect the report, shut down (``hold`` runs while the guest is up)."""
+    avail = procfs.mem_available_mb()
+    if request.memory_mb > avail:
+        raise UsageError(
+            f"--memory {request.memory_mb} MB does not fit in this host's {avail} MB "
+            "available: lower it"
+        )
     img = ensure(request.image)
     spec = img.boot_spec(request.cmdline)
     if request.kernel is not None:

@@ -20,8 +20,8 @@ from typing import Any
 
 from apflab import paths
 from apflab.analysis import verdict
-from apflab.errors import ApflabError, LabError
-from apflab.host import kvm
+from apflab.errors import ApflabError, LabError, UsageError
+from apflab.host import kvm, procfs
 from apflab.lab.assets import KERNELS_MOUNT, L1_RESULTS
 from apflab.lab.l1 import Lab, LabConfig
 from apflab.retry import POLICIES, Retrier
@@ -61,11 +61,13 @@ def run(
     run_id = run_id or paths.new_run_id()
     results_root.mkdir(parents=True, exist_ok=True)
     info = kvm.probe()
+    direct = here or record_only or info.usable or scenario.accel == "tcg"
+    check_fits(scenario, None if direct else lab_config or LabConfig())
     if record_only:
         emit(f"apflab run {run_id}: recording on this host ({info.reason})")
         rec = execute(scenario, results_root / run_id, run_id, emit)
         return {"run_id": run_id, "recorded": str(rec.results / "run.json")}
-    if here or info.usable or scenario.accel == "tcg":
+    if direct:
         emit(f"apflab run {run_id}: direct on this host ({info.reason})")
         doc = judge(execute(scenario, results_root / run_id, run_id, emit))
     else:
@@ -73,6 +75,45 @@ def run(
         doc = _run_in_lab(scenario, results_root / run_id, run_id, emit, lab_config or LabConfig())
     point_latest(results_root, run_id)
     return doc
+
+
+#: what L1 itself needs beside the guest (kernel, systemd, QEMU's own, page cache)
+L1_BASE_MB = 768
+
+
+def check_fits(scenario: Scenario, lab: LabConfig | None) -> None:
+    """Sizes must fit where the guest runs: this host, or L1 (``lab``) on this host.
+
+    :raises UsageError: one line naming the option and the fix
+    """
+    avail = procfs.mem_available_mb()
+    cpus = os.cpu_count() or 1
+    if lab is not None:
+        if scenario.swap_device is not None:
+            raise UsageError(
+                f"--swap-device {scenario.swap_device} names a disk of this host, but the run "
+                "goes through the nested lab, which swaps to its own disk: drop --swap-device"
+            )
+        if lab.memory_mb > avail:
+            raise UsageError(
+                f"--lab-memory {lab.memory_mb} MB does not fit in this host's {avail} MB "
+                "available: lower it"
+            )
+        room, cpus, where = lab.memory_mb - L1_BASE_MB, lab.cpus, "the lab's"
+        fix = "raise --lab-memory or lower it"
+    else:
+        room, where, fix = avail, "this host's", "lower it"
+    if scenario.guest_memory > room:
+        raise UsageError(
+            f"--guest-memory {scenario.guest_memory} MB does not fit in {where} {room} MB "
+            f"available: {fix}"
+        )
+    trace_mb = scenario.trace_buffer_kb * cpus // 1024
+    if trace_mb > room // 4:
+        raise UsageError(
+            f"--trace-buffer-kb {scenario.trace_buffer_kb}: {trace_mb} MB of trace buffers on "
+            f"{cpus} CPU(s) do not fit in a quarter of {where} {room} MB: lower it"
+        )
 
 
 def _run_in_lab(

@@ -16,6 +16,8 @@ has the measurements behind them.
 from __future__ import annotations
 
 import dataclasses
+import os
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +41,16 @@ def non_negative(value: float | None) -> str | None:
 
 def existing_file(value: Path | None) -> str | None:
     return None if value is None or value.is_file() else "does not exist or is not a file"
+
+
+def block_device(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        mode = os.stat(value).st_mode
+    except OSError:
+        return "does not exist: name a block device of this host"
+    return None if stat.S_ISBLK(mode) else "is not a block device"
 
 
 @dataclass(frozen=True)
@@ -148,7 +160,10 @@ class Scenario:
             "swap file size when no swap disk is given", parse=int, unit="MB", check=positive
         ),
     )
-    swap_device: str | None = field(default=None, metadata=opt("use this block device as swap"))
+    swap_device: str | None = field(
+        default=None,
+        metadata=opt("use this block device as swap", check=block_device, file=False),
+    )
     guest_thp: str = field(
         default="auto",
         metadata=opt(

@@ -10,14 +10,17 @@
 How a key is built (:func:`build`):
 
 * ``cached`` — ``<cache>/<key16>/`` exists: nothing is built.
-* ``cold`` — an unpatched key: the pristine source is hard-linked into a work tree,
-  configured (``make tinyconfig`` + ``kernel/configs/kvm_guest.config`` + the project's
-  base config + the fragments, then ``make olddefconfig``) and built with ``make -j$(nproc)
-  bzImage`` through ccache.  Its built tree is kept as ``<cache>/base/<key16>/``.
-* ``incremental`` — a patched key: the built tree of the same source and config (built
-  first if missing) is cloned (objects copied with their mtimes, sources linked), the
-  patches are applied (patched files get a new mtime) and make rebuilds only what they
-  change.  Only the bzImage, config, log and meta.json are kept.
+* ``cold`` — an unpatched key: the pristine source is hard-linked into
+  ``<cache>/base/<key16>/tree``, configured (``make tinyconfig`` +
+  ``kernel/configs/kvm_guest.config`` + the project's base config and version layers + the
+  fragments, then ``make olddefconfig``, then a check that every line took) and built with
+  ``make -j$(nproc) bzImage`` through ccache.  The built tree is kept there.  (A patched
+  key whose base tree is missing builds that first: also ``cold``.)
+* ``incremental`` — a patched key: the base tree of the same source and config is moved
+  aside and cloned back into its own path (objects copied with their mtimes, sources
+  linked), the patches are applied (patched files get a new mtime) and make rebuilds only
+  what they change; then the base tree is put back.  Only the bzImage, config, log and
+  meta.json are kept.  The result is bit-identical to a from-scratch build of that key.
 
 The builder never installs anything on the host and never writes outside the cache.
 """
@@ -174,6 +177,7 @@ def _plan(spec: KernelSpec, progress: Progress, root: Path) -> _Plan:
         fragments.parse_fragment(data.decode(), str(path))
     patch_texts = [patches.read_patch(p) for p in spec.patches]
     toolchain = _toolchain()
+    _writable(root)
     ref = sources.resolve(spec.source)
     tree = sources.extracted(ref, root, progress)
     version = sources.parse_kernel_version((tree / "Makefile").read_text()[:2000])
@@ -230,6 +234,20 @@ def _major_minor(version: str) -> tuple[int, int] | None:
         return int(parts[0]), int(parts[1].split("-")[0].split("+")[0])
     except (IndexError, ValueError):
         return None
+
+
+def _writable(root: Path) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PreflightError(
+            f"kernel cache {root} cannot be created ({err.strerror}); set "
+            "APFLAB_KERNEL_CACHE to a directory of yours"
+        ) from err
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise PreflightError(
+            f"kernel cache {root} is not writable; set APFLAB_KERNEL_CACHE to a directory of yours"
+        )
 
 
 def _read_fragment_bytes(path: Path) -> bytes:
@@ -296,7 +314,7 @@ def build(
         if not plan.patches:
             entry, how = _build_base(plan, root, say), "cold"
         elif incremental:
-            entry, how = _build_incremental(plan, root, say), "incremental"
+            entry, how = _build_incremental(plan, root, say)
         else:
             entry, how = _build_cold_patched(plan, root, say), "cold"
     kernel = _finish(entry, how, start)
@@ -375,21 +393,26 @@ def _build_base(plan: _Plan, root: Path, say: Progress) -> BuiltKernel:
         complete.write_text(plan.key + "\n")
         return kernel
     except BaseException:
-        kcache.remove_tree(tree)
+        kcache.remove_tree(tree.parent)  # no half-built base is ever kept
         raise
     finally:
         kcache.remove_tree(work)
 
 
-def _build_incremental(plan: _Plan, root: Path, say: Progress) -> BuiltKernel:
-    """Build a patched key from a clone of its unpatched base tree, at the base's path."""
+def _build_incremental(plan: _Plan, root: Path, say: Progress) -> tuple[BuiltKernel, str]:
+    """Build a patched key from a clone of its unpatched base tree, at the base's path.
+
+    :returns: the kernel, and ``incremental`` or ``cold`` (the base had to be built first)
+    """
     base_plan = dataclasses.replace(plan, patches=(), key=plan.base_key)
     tree, aside, complete = _base_paths(root, plan)
+    how = "incremental"
     with kcache.locked(root / f"{base_plan.key16}.lock", say, f"from the base {base_plan.key16}"):
         _restore_base(root, plan)
         if not complete.is_file():
             say(f"base: no built tree of the unpatched kernel {base_plan.key16}; building it")
             _build_base(base_plan, root, say)
+            how = "cold"
         t0 = time.monotonic()
         work = _work_dir(root, plan)
         tree.rename(aside)
@@ -398,7 +421,7 @@ def _build_incremental(plan: _Plan, root: Path, say: Progress) -> BuiltKernel:
             kcache.clone_build_tree(aside, tree)
             counts = _patch_and_make(plan, root, work, tree, say, reconfigure=False)
             seconds = time.monotonic() - t0
-            return _publish(plan, root, work, tree, counts, "incremental", seconds)
+            return _publish(plan, root, work, tree, counts, "incremental", seconds), how
         finally:
             kcache.remove_tree(tree)
             aside.rename(tree)

@@ -162,6 +162,7 @@ def failure_summary(output: str) -> str:
         if line.startswith(("patching file ", "checking file ")):
             current = line.split(" ", 2)[2].strip().strip("'")
         elif _FAILED.fullmatch(line):
-            return f"{current}: {line.strip()}" if current else line.strip()
+            what = line.strip().rstrip(".")
+            return f"{current}: {what}" if current else what
     lines = [line for line in output.splitlines() if line.strip()]
     return lines[-1].strip() if lines else "patch gave no reason"

@@ -29,6 +29,14 @@ $(STAMP): requirements.lock requirements-dev.lock setup.cfg
 	command -v gcc >/dev/null || missing+=(gcc libc6-dev)
 	command -v setpriv >/dev/null || missing+=(util-linux)
 	command -v xz >/dev/null || missing+=(xz-utils)
+	# kernel builds (apflab kernel build, the controls of make check)
+	command -v make >/dev/null || missing+=(make)
+	command -v bc >/dev/null || missing+=(bc)
+	command -v flex >/dev/null || missing+=(flex)
+	command -v bison >/dev/null || missing+=(bison)
+	command -v patch >/dev/null || missing+=(patch)
+	command -v ccache >/dev/null || missing+=(ccache)
+	[ -e /usr/include/libelf.h ] || missing+=(libelf-dev)
 	$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 	if [ $${#missing[@]} -gt 0 ]; then
 	  echo "deps: apt-get install $${missing[*]}"

@@ -39,15 +39,20 @@ def add_scenario_args(p: argparse.ArgumentParser) -> None:
             opt.flag,
             dest=opt.name,
             type=_flag_type(opt),
-            default=opt.default,
+            default=None if opt.repeat else opt.default,
+            action="append" if opt.repeat else "store",
             choices=opt.choices or None,
             metavar=opt.unit or None,
-            help=opt.help + shown,
+            help=opt.help + ("" if opt.repeat else shown),
         )
 
 
 def scenario_from_args(args: argparse.Namespace) -> Scenario:
-    return Scenario(**{o.name: getattr(args, o.name) for o in Scenario.options()})
+    values = {o.name: getattr(args, o.name) for o in Scenario.options()}
+    for o in Scenario.options():
+        if o.repeat:  # each flag converted by argparse already: one item each
+            values[o.name] = tuple(item for items in values[o.name] or () for item in items)
+    return Scenario(**values)
 
 
 def _emit(line: str) -> None:

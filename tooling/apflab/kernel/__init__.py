@@ -23,10 +23,14 @@ from apflab.kernel.builder import (
     BuiltKernel,
     KernelSpec,
     build,
+    built_at,
     check,
     default_base_config,
+    index_file,
     load_entry,
+    lookup,
     patches_dir,
+    request_key,
 )
 from apflab.kernel.bzimage import BzImageHeader, check_bzimage, is_bzimage
 from apflab.kernel.cache import KernelBuildError, cache_dir, compute_key
@@ -40,12 +44,16 @@ __all__ = [
     "KernelBuildError",
     "KernelSpec",
     "build",
+    "built_at",
     "cache_dir",
     "check",
     "check_bzimage",
     "compute_key",
     "default_base_config",
+    "index_file",
     "is_bzimage",
     "load_entry",
+    "lookup",
     "patches_dir",
+    "request_key",
 ]

@@ -310,6 +310,7 @@ def build(
         cached = load_entry(root / plan.key16, plan.key)
         if cached is not None:
             say(f"cached: {cached.bzimage} ({cached.release})")
+            _remember(spec, cached, root)
             return _finish(cached, "cached", start)
         if not plan.patches:
             entry, how = _build_base(plan, root, say), "cold"
@@ -317,9 +318,62 @@ def build(
             entry, how = _build_incremental(plan, root, say)
         else:
             entry, how = _build_cold_patched(plan, root, say), "cold"
+        _remember(spec, entry, root)
     kernel = _finish(entry, how, start)
     say(f"done: {kernel.bzimage} ({kernel.release}, {how}, {kernel.build_seconds:.0f}s)")
     return kernel
+
+
+# -- the request index: finding a built kernel where its source is not (the lab) ----
+def request_key(spec: KernelSpec) -> str:
+    """What names a request without resolving its source: the source's name and the
+    content of the base config, the fragments and the patches.  :func:`build` maps it
+    to the full key (source identity and toolchain included) in ``<cache>/index/``."""
+    base = spec.base_config or default_base_config()
+    return kcache.compute_key(
+        f"request {spec.source}",
+        [p.read_bytes() for p in spec.patches],
+        [_read_fragment_bytes(p) for p in (base, *spec.configs)],
+        "",
+    )
+
+
+def _remember(spec: KernelSpec, kernel: BuiltKernel, root: Path) -> None:
+    index = root / "index" / f"{request_key(spec)[:16]}.json"
+    index.parent.mkdir(parents=True, exist_ok=True)
+    tmp = index.with_name(f".{index.name}.{os.getpid()}")
+    tmp.write_text(json.dumps({"key": kernel.key, "source": spec.source}) + "\n")
+    tmp.replace(index)
+
+
+def index_file(spec: KernelSpec, cache: Path | None = None) -> Path:
+    """Where the request index of ``spec`` lives (written by :func:`build`)."""
+    return kcache.cache_dir(cache) / "index" / f"{request_key(spec)[:16]}.json"
+
+
+def built_at(bzimage: Path) -> BuiltKernel | None:
+    """The cache entry a bzImage path belongs to (``<entry>/bzImage`` beside its
+    meta.json), None for a kernel apflab did not build."""
+    meta = bzimage.parent / "meta.json"
+    if bzimage.name != "bzImage" or not meta.is_file():
+        return None
+    try:
+        key = json.loads(meta.read_text())["key"]
+    except (ValueError, KeyError):
+        return None
+    return load_entry(bzimage.parent, str(key))
+
+
+def lookup(spec: KernelSpec, cache: Path | None = None) -> BuiltKernel | None:
+    """The kernel :func:`build` made for ``spec`` before, found by the request index:
+    no source, compiler or network needed (inside the lab, where a kernel cache is
+    shipped read-only).  None when it was never built (or the entry is gone)."""
+    root = kcache.cache_dir(cache)
+    index = index_file(spec, root)
+    if not index.is_file():
+        return None
+    key = json.loads(index.read_text())["key"]
+    return load_entry(root / key[:16], key)
 
 
 def _finish(kernel: BuiltKernel, how: str, start: float) -> BuiltKernel:

@@ -58,7 +58,10 @@ class LabConfig:
         passed at the same speed, on one host core (docs/calibration.md)
     :ivar accel: ``tcg`` (emulated SVM) or ``kvm`` (nested on a hardware-KVM host)
     :ivar swap_mb: size of L1's swap disk
-    :ivar kernels: kernels under test to ship into L1 (kernels/NAME inside)
+    :ivar kernels: the files a scenario names (kernels, patches...) to ship into L1
+        (kernels/NAME inside)
+    :ivar built: ``(cache entry, request index)`` of kernels built on this host, shipped
+        as L1's read-only kernel cache
     """
 
     memory_mb: int = 3072
@@ -68,6 +71,7 @@ class LabConfig:
     boot_timeout: float = 240.0
     guest_image: str = "guest"
     kernels: tuple[Path, ...] = ()
+    built: tuple[tuple[Path, Path], ...] = ()
     #: leave L1 running when this process exits (`apflab lab up`)
     detached: bool = False
     #: QEMU TCG threading for L1: "multi" (one host thread per vCPU) or "single"
@@ -119,7 +123,9 @@ class Lab:
         work.mkdir(mode=0o700)
         self.undo.push(RemoveTree(str(work)))
         t1 = time.monotonic()
-        assets = build_assets(work / "assets", work / "assets.img", guest_img, self.config.kernels)
+        assets = build_assets(
+            work / "assets", work / "assets.img", guest_img, self.config.kernels, self.config.built
+        )
         shutil.rmtree(work / "assets")
         swap = work / "swap.img"
         with swap.open("wb") as f:

@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from apflab import paths
+from apflab import kernel, paths
 from apflab.analysis import verdict
 from apflab.errors import ApflabError, LabError, UsageError
 from apflab.host import kvm, procfs
@@ -26,6 +26,7 @@ from apflab.lab.assets import KERNELS_MOUNT, L1_RESULTS
 from apflab.lab.l1 import Lab, LabConfig
 from apflab.retry import POLICIES, Retrier
 from apflab.run.experiment import execute
+from apflab.run.guest_kernel import ensure_built
 from apflab.run.judge import judge
 from apflab.run.phases import Emit, Phases
 from apflab.run.records import RUN_FILE, RunRecord, write_json
@@ -120,7 +121,13 @@ def _run_in_lab(
     scenario: Scenario, out: Path, run_id: str, emit: Emit, lab_config: LabConfig
 ) -> dict[str, Any]:
     phases = Phases(emit)
-    lab_config = replace(lab_config, kernels=tuple(scenario.files()))
+    built: tuple[tuple[Path, Path], ...] = ()
+    spec = scenario.kernel_spec()
+    if spec is not None:  # built here: the lab has no kernel source
+        with phases.phase("guest kernel build"):
+            k = ensure_built(spec, emit)
+        built = ((k.bzimage.parent, kernel.index_file(spec)),)
+    lab_config = replace(lab_config, kernels=tuple(scenario.files()), built=built)
     inner = ["apflab", "run", "--record-only", "--run-id", run_id, "--results", L1_RESULTS]
     inner += scenario.argv(file_dir=KERNELS_MOUNT)
     retrier = Retrier(POLICIES["lab"], (ApflabError,))

@@ -25,13 +25,13 @@ from apflab.analysis.verdict import Thresholds
 from apflab.errors import ApflabError, PreflightError, UsageError, VMError
 from apflab.host import kvm, tracefs
 from apflab.images.build import ensure
+from apflab.run import guest_kernel
 from apflab.run.phases import Emit, Phases
 from apflab.run.pressure import Pressure, preflight
 from apflab.run.records import (
     ApfFacts,
     GuestFacts,
     HostFacts,
-    KernelFacts,
     RunRecord,
     vcpu_of_pid,
     write_vcpus,
@@ -42,7 +42,7 @@ from apflab.run.workload import run_workload
 from apflab.undo import RemoveTree, UndoStack
 from apflab.vm import guestinfo
 from apflab.vm.console import console_faults
-from apflab.vm.qemu import BootSpec, Guest, GuestConfig
+from apflab.vm.qemu import Guest, GuestConfig
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +81,12 @@ def execute(scenario: Scenario, results: Path, run_id: str, emit: Emit) -> RunRe
     spec = scenario.pressure_spec()
     cginfo = preflight(spec, scenario.workload_spec().total_mb, scenario.guest_memory)
     img = ensure(scenario.image)
-    boot = img.boot_spec(scenario.cmdline)
-    if scenario.kernel is not None:
-        boot = BootSpec(scenario.kernel, scenario.initrd or img.initrd, boot.cmdline)
+    boot, kernel_facts = guest_kernel.resolve(scenario, img, emit)
 
     results.mkdir(parents=True, exist_ok=True)
     (results / "logs").mkdir(exist_ok=True)
     rec = RunRecord(run_id, results, scenario, HostFacts.here())
-    rec.kernel = KernelFacts(str(boot.kernel), paths.sha256_file(boot.kernel), boot.cmdline)
+    rec.kernel = kernel_facts
     phases = Phases(emit)
     cfg = GuestConfig(
         boot=boot,

@@ -23,12 +23,23 @@ from apflab.run.workload import WorkloadResult
 
 @dataclass
 class KernelFacts:
-    """The guest kernel that ran: what was booted, and what it said it is."""
+    """The guest kernel that ran: what was booted, and what it said it is.
+
+    :ivar source: where it came from: ``{"kind": "image"|"file"}``, or for a kernel
+        apflab built ``{kind, name, version, identity}`` of its source
+    :ivar patches: ``{path, sha256}`` of each patch applied (a built kernel)
+    :ivar config: ``{path, sha256}`` of each config layer (a built kernel)
+    :ivar build: the cache key, how and when it was built (a built kernel)
+    """
 
     path: str
     sha256: str
     cmdline: str
     release: str | None = None
+    source: dict[str, str] = field(default_factory=dict)
+    patches: list[dict[str, str]] = field(default_factory=list)
+    config: list[dict[str, str]] = field(default_factory=list)
+    build: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

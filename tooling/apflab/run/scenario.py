@@ -25,6 +25,7 @@ from typing import Any
 
 from apflab import paths
 from apflab.errors import UsageError
+from apflab.kernel import DEBIAN_SOURCES, DEFAULT_SOURCE, KernelSpec, check_bzimage
 from apflab.run.pressure import PressureSpec, check_sizes
 from apflab.run.workload import PATTERNS, WorkloadSpec
 
@@ -41,6 +42,18 @@ def non_negative(value: float | None) -> str | None:
 
 def existing_file(value: Path | None) -> str | None:
     return None if value is None or value.is_file() else "does not exist or is not a file"
+
+
+def bzimage(value: Path | None) -> str | None:
+    """An existing x86 bzImage (the boot protocol header), refused before any VM starts."""
+    problem = existing_file(value)
+    if value is None or problem:
+        return problem
+    try:
+        check_bzimage(value)
+    except UsageError as err:
+        return str(err).removeprefix(f"kernel {value} ")
+    return None
 
 
 def block_device(value: str | None) -> str | None:
@@ -61,6 +74,7 @@ class Option:
     :ivar check: the value → what is wrong with it, or None
     :ivar choices: the only values allowed (shown in the help)
     :ivar file: a file on the host: shipped into the lab, path mapped by :meth:`Scenario.argv`
+    :ivar repeat: may be given several times: the value is a tuple of items
     """
 
     name: str
@@ -71,6 +85,7 @@ class Option:
     choices: tuple[str, ...] = ()
     check: Check | None = None
     file: bool = False
+    repeat: bool = False
 
     @property
     def flag(self) -> str:
@@ -85,6 +100,12 @@ class Option:
         """
         if raw is None:
             return self.default
+        if self.repeat:
+            items = raw if isinstance(raw, list | tuple) else [raw]
+            return tuple(self._convert_one(item, check) for item in items)
+        return self._convert_one(raw, check)
+
+    def _convert_one(self, raw: object, check: bool) -> Any:
         text = str(raw)
         try:
             value = self.parse(text)
@@ -100,6 +121,8 @@ class Option:
         return value
 
     def to_json(self, value: Any) -> Any:
+        if self.repeat:
+            return [str(v) if isinstance(v, Path) else v for v in value]
         return str(value) if isinstance(value, Path) else value
 
 
@@ -111,11 +134,12 @@ def opt(
     choices: tuple[str, ...] = (),
     check: Check | None = None,
     file: bool = False,
+    repeat: bool = False,
 ) -> dict[str, Any]:
     """The metadata that makes a :class:`Scenario` field an option (see the module doc):
     ``name: int = field(default=3, metadata=opt("what it is", parse=int))``."""
     meta = {"parse": parse, "help": help, "unit": unit, "choices": choices, "check": check}
-    return {"option": {**meta, "file": file}}
+    return {"option": {**meta, "file": file, "repeat": repeat}}
 
 
 @dataclass(frozen=True)
@@ -125,16 +149,46 @@ class Scenario:
     kernel: Path | None = field(
         default=None,
         metadata=opt(
-            "guest bzImage to judge (default: the image's)",
-            parse=Path,
-            check=existing_file,
-            file=True,
+            "guest bzImage to judge (default: the image's)", parse=Path, check=bzimage, file=True
         ),
     )
     initrd: Path | None = field(
         default=None,
         metadata=opt(
-            "initrd for --kernel (default: the image's)", parse=Path, check=existing_file, file=True
+            "initrd for --kernel (default: none for a kernel apflab built, else the image's)",
+            parse=Path,
+            check=existing_file,
+            file=True,
+        ),
+    )
+    patch: tuple[Path, ...] = field(
+        default=(),
+        metadata=opt(
+            "build the guest kernel with this patch (diff -u / git diff, applied with -p1 to "
+            "--kernel-source); repeatable",
+            parse=Path,
+            check=existing_file,
+            file=True,
+            repeat=True,
+        ),
+    )
+    kernel_source: str | None = field(
+        default=None,
+        metadata=opt(
+            f"build the guest kernel from this source: {', '.join(DEBIAN_SOURCES)} "
+            f"(the default with --patch or --kernel-config: {DEFAULT_SOURCE}), a kernel "
+            "git tree or a tarball",
+        ),
+    )
+    kernel_config: tuple[Path, ...] = field(
+        default=(),
+        metadata=opt(
+            "merge this config fragment (CONFIG_X=y lines) into the built guest kernel's "
+            "config; repeatable",
+            parse=Path,
+            check=existing_file,
+            file=True,
+            repeat=True,
         ),
     )
     cmdline: str = field(default="", metadata=opt("extra guest kernel command line"))
@@ -247,14 +301,19 @@ class Scenario:
             value = getattr(self, opt.name)
             if value == opt.default:
                 continue
-            if opt.file and file_dir is not None:
-                value = Path(file_dir) / Path(value).name
-            argv += [opt.flag, str(value)]
+            for item in value if opt.repeat else (value,):
+                where = Path(file_dir) / Path(item).name if opt.file and file_dir else item
+                argv += [opt.flag, str(where)]
         return argv
 
     def files(self) -> list[Path]:
         """The host files this scenario needs (to ship into the lab)."""
-        return [v for o in self.options() if o.file and (v := getattr(self, o.name)) is not None]
+        out: list[Path] = []
+        for opt in self.options():
+            value = getattr(self, opt.name)
+            if opt.file and value is not None:
+                out += list(value) if opt.repeat else [value]
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {o.name: o.to_json(getattr(self, o.name)) for o in self.options()}
@@ -271,7 +330,22 @@ class Scenario:
                     opt.convert(value)
                 except ValueError as err:
                     raise UsageError(f"{opt.flag}: {err}") from None
+        if self.kernel is not None and self.kernel_spec() is not None:
+            raise UsageError(
+                "--kernel names a built kernel; --patch, --kernel-config and --kernel-source "
+                "build one: give one or the other"
+            )
         check_sizes(self.pressure_spec(), self.workload_spec().total_mb, self.guest_memory)
+
+    def kernel_spec(self) -> KernelSpec | None:
+        """The guest kernel to build, or None (the image's kernel, or ``kernel``)."""
+        if not (self.patch or self.kernel_config or self.kernel_source):
+            return None
+        return KernelSpec(
+            source=self.kernel_source or DEFAULT_SOURCE,
+            patches=self.patch,
+            configs=self.kernel_config,
+        )
 
     # -- views for the parts of the experiment -------------------------------
     def pressure_spec(self) -> PressureSpec:

@@ -8,7 +8,6 @@ PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 APFLAB := $(VENV)/bin/apflab
-export APFLAB_CACHE ?= $(CURDIR)/.cache
 RESULTS ?= $(CURDIR)/results
 STAMP := $(VENV)/.deps-$(shell cat requirements.lock requirements-dev.lock setup.cfg | sha256sum | cut -c1-16)
 

@@ -1,7 +1,8 @@
 """Where apflab keeps things on the host.
 
-* cache — built images and kernels, keyed by input hash (``APFLAB_CACHE``,
-  default ``~/.cache/apflab``; the Makefile points it at ``<repo>/.cache``).
+* cache — built images, the workload binary and the lab's wheels, keyed by input
+  hash (``APFLAB_CACHE``, default ``/var/cache/apflab``): machine-wide, outside any
+  clone, so a fresh clone and CI on the same machine reuse what is still valid.
 * kernel cache — built guest/host kernels (:mod:`apflab.kernel`): machine-wide,
   outside any clone, so later runs and CI on the same machine reuse them.
 * runtime root — per-run scratch dirs (QMP sockets, overlays, keys) and the
@@ -24,7 +25,7 @@ from pathlib import Path
 
 def cache_dir() -> Path:
     env = os.environ.get("APFLAB_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "apflab"
+    return Path(env) if env else Path("/var/cache/apflab")
 
 
 def runtime_root() -> Path:

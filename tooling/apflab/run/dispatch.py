@@ -162,6 +162,8 @@ def _run_in_lab(
     # and tens of seconds on L1's one emulated vCPU
     rec = RunRecord.load(out)
     rec.scenario = scenario  # as given here (L1 saw its kernel paths under the assets mount)
+    if rec.kernel is not None and built:
+        rec.kernel.path = str(built[0][0] / "bzImage")  # this host's copy, not L1's
     rec.phases.update({f"host: {k}": v for k, v in phases.times.items()})
     rec.retries["lab"] = retrier.to_dict()
     failures = [a.error for a in retrier.attempts if a.error is not None]

@@ -19,8 +19,10 @@ from apflab.images.recipe import BuiltImage
 SERIALS = {"assets": "apflab-assets", "guest_root": "apflab-groot", "swap": "apflab-swap"}
 ASSETS_MOUNT = "/mnt/apflab"
 L1_RESULTS = "/root/results"
-#: where the kernels under test (LabConfig.kernels) are inside L1
+#: where the kernels of `apflab lab up --kernel` are inside L1
 KERNELS_MOUNT = f"{ASSETS_MOUNT}/kernels"
+#: where a run's own files go inside L1 (apflab.lab.l1.ship), one dir per run
+SHIP_ROOT = "/root/ship"
 #: what ships in the assets disk from the checkout
 SOURCE_ITEMS = (
     "tooling",
@@ -41,7 +43,6 @@ L1_ENV = {
     "APFLAB_IMAGES": f"{ASSETS_MOUNT}/src/guest_images",
     "APFLAB_LOCKFILE": f"{ASSETS_MOUNT}/src/requirements.lock",
     "APFLAB_IN_LAB": "1",
-    "APFLAB_KERNEL_CACHE": f"{ASSETS_MOUNT}/kcache",
     "APFLAB_LAB_SWAP_DEVICE": f"/dev/disk/by-id/virtio-{SERIALS['swap']}",
     "MPLBACKEND": "Agg",
 }
@@ -61,20 +62,8 @@ def _copy_source(repo: Path, dest: Path) -> None:
             shutil.copy2(src, dest / item)
 
 
-def build_assets(
-    staging: Path,
-    out: Path,
-    guest: BuiltImage,
-    kernels: Sequence[Path],
-    built: Sequence[tuple[Path, Path]] = (),
-) -> Path:
-    """Stage the assets tree and pack it into a small ext4 image (no mounts).
-
-    :param kernels: files the scenario names (kernels, initrds, patches, fragments),
-        shipped as ``kernels/NAME``
-    :param built: ``(cache entry, request index file)`` of each kernel built on the
-        host, shipped as a read-only kernel cache (``kcache/``, APFLAB_KERNEL_CACHE)
-    """
+def build_assets(staging: Path, out: Path, guest: BuiltImage, kernels: Sequence[Path]) -> Path:
+    """Stage the assets tree and pack it into a small ext4 image (no mounts)."""
     repo = paths.repo_root()
     if repo is None:
         raise LabError("the lab needs an apflab checkout to ship its source into L1")
@@ -88,10 +77,6 @@ def build_assets(
     kdir.mkdir()
     for k in kernels:
         shutil.copy2(k, kdir / k.name)
-    (staging / "kcache" / "index").mkdir(parents=True)
-    for entry, index in built:
-        shutil.copytree(entry, staging / "kcache" / entry.name)
-        shutil.copy2(index, staging / "kcache" / "index" / index.name)
     bindir = staging / "bin"
     bindir.mkdir()
     (bindir / "apflab").write_text(APFLAB_WRAPPER)

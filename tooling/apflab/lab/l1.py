@@ -58,10 +58,8 @@ class LabConfig:
         passed at the same speed, on one host core (docs/calibration.md)
     :ivar accel: ``tcg`` (emulated SVM) or ``kvm`` (nested on a hardware-KVM host)
     :ivar swap_mb: size of L1's swap disk
-    :ivar kernels: the files a scenario names (kernels, patches...) to ship into L1
-        (kernels/NAME inside)
-    :ivar built: ``(cache entry, request index)`` of kernels built on this host, shipped
-        as L1's read-only kernel cache
+    :ivar kernels: kernels to put on the assets disk (kernels/NAME inside; `lab up
+        --kernel`); a run ships its own files with :func:`ship`
     """
 
     memory_mb: int = 3072
@@ -71,7 +69,6 @@ class LabConfig:
     boot_timeout: float = 240.0
     guest_image: str = "guest"
     kernels: tuple[Path, ...] = ()
-    built: tuple[tuple[Path, Path], ...] = ()
     #: leave L1 running when this process exits (`apflab lab up`)
     detached: bool = False
     #: QEMU TCG threading for L1: "multi" (one host thread per vCPU) or "single"
@@ -123,9 +120,7 @@ class Lab:
         work.mkdir(mode=0o700)
         self.undo.push(RemoveTree(str(work)))
         t1 = time.monotonic()
-        assets = build_assets(
-            work / "assets", work / "assets.img", guest_img, self.config.kernels, self.config.built
-        )
+        assets = build_assets(work / "assets", work / "assets.img", guest_img, self.config.kernels)
         shutil.rmtree(work / "assets")
         swap = work / "swap.img"
         with swap.open("wb") as f:
@@ -227,11 +222,46 @@ class Lab:
         """Copy a directory tree from L1 to the host; return the file count."""
         return self.require_vm().ssh.get_tree(remote, local)
 
+    @property
+    def ssh(self) -> SSH:
+        return self.require_vm().ssh
+
     def down(self) -> None:
         if self.vm is not None:
             self.vm.shutdown()
             self.vm = None
         self.undo.unwind_to(self._mark)
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """Where :func:`ship` put a run's files inside L1.
+
+    :ivar files: the scenario's files (kernels, patches, fragments), by name
+    :ivar kernel_cache: a kernel cache holding the kernels built on the host
+    """
+
+    files: str
+    kernel_cache: str
+
+
+def ship(
+    ssh: SSH, where: str, files: Sequence[Path], built: Sequence[tuple[Path, Path]]
+) -> Shipped:
+    """Copy a run's files into L1 (SFTP), whether L1 was booted for the run or is an
+    ``apflab lab up`` lab.
+
+    :param files: the host files a scenario names, as ``<where>/files/NAME``
+    :param built: ``(cache entry, request index)`` of kernels built on the host, as a
+        kernel cache ``<where>/kcache`` (found there by :func:`apflab.kernel.lookup`)
+    """
+    out = Shipped(f"{where}/files", f"{where}/kcache")
+    pairs = [(f, f"{out.files}/{f.name}") for f in files]
+    for entry, index in built:
+        pairs += [(p, f"{out.kernel_cache}/{entry.name}/{p.name}") for p in entry.iterdir()]
+        pairs.append((index, f"{out.kernel_cache}/index/{index.name}"))
+    ssh.put_files(pairs)
+    return out
 
 
 def run_in_lab(

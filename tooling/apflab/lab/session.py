@@ -22,6 +22,7 @@ from apflab import paths
 from apflab.errors import LabError, UsageError
 from apflab.lab.assets import L1_RESULTS
 from apflab.lab.l1 import Lab, LabConfig, run_in_lab
+from apflab.process import CmdResult
 from apflab.retry import POLICIES, Retrier
 from apflab.undo import (
     RemoveTree,
@@ -81,6 +82,44 @@ class LabSession:
         )
         ssh.connect(timeout=60)
         return ssh
+
+
+class AttachedLab:
+    """An ``apflab lab up`` lab lent to one run: commands, files in and out; it stays
+    up afterwards (only :func:`tear_down` stops it)."""
+
+    def __init__(self, session: LabSession) -> None:
+        self.session = session
+        self.ssh = session.connect()
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        check: bool = True,
+        timeout: float | None = 3600.0,
+        on_output: Callable[[str, str], None] | None = None,
+    ) -> CmdResult:
+        return run_in_lab(
+            self.ssh, argv, check=check, timeout=timeout, on_output=on_output, watch=self.alive
+        )
+
+    def alive(self) -> None:
+        if not pid_alive(self.session.pid, self.session.start_time):
+            raise LabError(f"the lab's QEMU (pid {self.session.pid}) is gone")
+
+    def fetch(self, remote: str, local: Path) -> int:
+        return self.ssh.get_tree(remote, local)
+
+    def close(self) -> None:
+        self.ssh.close()
+
+
+def attach() -> AttachedLab | None:
+    """The lab ``apflab lab up`` left running, if any (None: no lab is up)."""
+    if not LabSession.path().is_file():
+        return None
+    return AttachedLab(LabSession.load())
 
 
 def bring_up(config: LabConfig, log_dir: Path | None = None) -> tuple[LabSession, Lab]:

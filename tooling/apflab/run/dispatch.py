@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,9 @@ from apflab import kernel, paths
 from apflab.analysis import verdict
 from apflab.errors import ApflabError, LabError, UsageError
 from apflab.host import kvm, procfs
-from apflab.lab.assets import KERNELS_MOUNT, L1_RESULTS
-from apflab.lab.l1 import Lab, LabConfig
+from apflab.lab.assets import L1_RESULTS, SHIP_ROOT
+from apflab.lab.l1 import Lab, LabConfig, ship
+from apflab.lab.session import AttachedLab, attach
 from apflab.retry import POLICIES, Retrier
 from apflab.run.experiment import execute
 from apflab.run.guest_kernel import ensure_built
@@ -117,24 +117,78 @@ def check_fits(scenario: Scenario, lab: LabConfig | None) -> None:
         )
 
 
+class _LabRun:
+    """One run through the lab: what to ship into L1, what to run there, and the
+    steps shared by a freshly booted L1 and an ``apflab lab up`` lab."""
+
+    def __init__(self, scenario: Scenario, out: Path, run_id: str, emit: Emit) -> None:
+        self.scenario, self.out, self.run_id, self.emit = scenario, out, run_id, emit
+        self.phases = Phases(emit)
+        self.built: list[tuple[Path, Path]] = []
+        spec = scenario.kernel_spec()
+        if spec is not None:  # built here: the lab has no kernel source
+            with self.phases.phase("guest kernel build"):
+                k = ensure_built(spec, emit)
+            self.built.append((k.bzimage.parent, kernel.index_file(spec)))
+
+    def experiment(self, lab: Lab | AttachedLab) -> int:
+        """Ship the run's files, run it in L1 (recording only), fetch its results."""
+        where = f"{SHIP_ROOT}/{self.run_id}"
+        with self.phases.phase("experiment in L1"):
+            shipped = ship(lab.ssh, where, self.scenario.files(), self.built)
+            inner = ["env", f"APFLAB_KERNEL_CACHE={shipped.kernel_cache}"]
+            inner += ["apflab", "run", "--record-only", "--run-id", self.run_id]
+            inner += ["--results", L1_RESULTS, *self.scenario.argv(file_dir=shipped.files)]
+            res = lab.run(inner, check=False, timeout=None, on_output=_indent(self.emit))
+            lab.run(["rm", "-rf", where], check=False)
+        with self.phases.phase("fetch results"):
+            n = lab.fetch(f"{L1_RESULTS}/{self.run_id}", self.out)
+            self.emit(f"          {n} file(s) copied back to {self.out}")
+        return res.exit_status
+
+    def judge(self, lab_facts: dict[str, Any], retries: dict[str, Any]) -> dict[str, Any]:
+        if not (self.out / RUN_FILE).exists():
+            # the run in L1 failed before it recorded anything (e.g. bad input only L1
+            # could see): not a lab failure, so not retried
+            raise LabError(
+                f"the run in L1 exited {lab_facts['inner_exit_status']} without a run.json; "
+                "see the output above"
+            )
+        # judged here, not in L1: the analysis and the report cost seconds on this host
+        # and tens of seconds on L1's one emulated vCPU
+        rec = RunRecord.load(self.out)
+        rec.scenario = self.scenario  # as given here (L1 saw its files where they were shipped)
+        if rec.kernel is not None and self.built:
+            rec.kernel.path = str(self.built[0][0] / "bzImage")  # this host's copy
+        rec.phases.update({f"host: {k}": v for k, v in self.phases.times.items()})
+        rec.retries.update(retries)
+        return judge(rec, extra={"lab": lab_facts})
+
+
+def _run_in_session(run: _LabRun, lab: AttachedLab) -> dict[str, Any]:
+    """Through the lab `apflab lab up` left running: no L1 boot, and no retry (an L1
+    failure is the lab owner's to see)."""
+    try:
+        status = run.experiment(lab)
+    finally:
+        lab.close()
+    facts = {"session": lab.session.run_id, "inner_exit_status": status, "failures": []}
+    return run.judge(facts, {})
+
+
 def _run_in_lab(
     scenario: Scenario, out: Path, run_id: str, emit: Emit, lab_config: LabConfig
 ) -> dict[str, Any]:
-    phases = Phases(emit)
-    built: tuple[tuple[Path, Path], ...] = ()
-    spec = scenario.kernel_spec()
-    if spec is not None:  # built here: the lab has no kernel source
-        with phases.phase("guest kernel build"):
-            k = ensure_built(spec, emit)
-        built = ((k.bzimage.parent, kernel.index_file(spec)),)
-    lab_config = replace(lab_config, kernels=tuple(scenario.files()), built=built)
-    inner = ["apflab", "run", "--record-only", "--run-id", run_id, "--results", L1_RESULTS]
-    inner += scenario.argv(file_dir=KERNELS_MOUNT)
+    run = _LabRun(scenario, out, run_id, emit)
+    session = attach()
+    if session is not None:
+        emit(f"          using the lab that is up (run {session.session.run_id})")
+        return _run_in_session(run, session)
     retrier = Retrier(POLICIES["lab"], (ApflabError,))
 
     def attempt(number: int) -> dict[str, Any]:
         logs = out / "logs" if number == 1 else out / f"logs-lab-attempt{number}"
-        return _lab_attempt(lab_config, inner, run_id, out, logs, phases, emit)
+        return _lab_attempt(run, lab_config, logs)
 
     def report(err: BaseException) -> None:
         first = str(err).splitlines()[0]
@@ -151,53 +205,28 @@ def _run_in_lab(
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "verdict.json", failed)
         return failed
-    if not (out / RUN_FILE).exists():
-        # the run in L1 failed before it recorded anything (e.g. bad input only L1
-        # could see): not a lab failure, so not retried
-        raise LabError(
-            f"the run in L1 exited {lab_facts['inner_exit_status']} without a run.json; "
-            "see the output above"
-        )
-    # judged here, not in L1: the analysis and the report cost seconds on this host
-    # and tens of seconds on L1's one emulated vCPU
-    rec = RunRecord.load(out)
-    rec.scenario = scenario  # as given here (L1 saw its kernel paths under the assets mount)
-    if rec.kernel is not None and built:
-        rec.kernel.path = str(built[0][0] / "bzImage")  # this host's copy, not L1's
-    rec.phases.update({f"host: {k}": v for k, v in phases.times.items()})
-    rec.retries["lab"] = retrier.to_dict()
     failures = [a.error for a in retrier.attempts if a.error is not None]
-    return judge(rec, extra={"lab": {**lab_facts, "failures": failures}})
+    return run.judge({**lab_facts, "failures": failures}, {"lab": retrier.to_dict()})
 
 
-def _lab_attempt(
-    lab_config: LabConfig,
-    inner: list[str],
-    run_id: str,
-    out: Path,
-    logs: Path,
-    phases: Phases,
-    emit: Emit,
-) -> dict[str, Any]:
+def _lab_attempt(run: _LabRun, lab_config: LabConfig, logs: Path) -> dict[str, Any]:
     """One lab bring-up + the run inside it + results fetched; raise on lab failure."""
-    with UndoStack(f"{run_id}-lab") as undo:
-        with phases.phase("lab up (images, assets, L1 boot)"):
+    with UndoStack(f"{run.run_id}-lab") as undo:
+        with run.phases.phase("lab up (images, assets, L1 boot)"):
             lab = Lab(lab_config, logs, undo)
             lab.up()
         try:
-            emit(f"          L1 up in {lab.timings['l1_boot']:.1f}s; {lab.facts['kvm']['reason']}")
-            with phases.phase("experiment in L1"):
-                res = lab.run(inner, check=False, timeout=None, on_output=_indent(emit))
-            with phases.phase("fetch results"):
-                n = lab.fetch(f"{L1_RESULTS}/{run_id}", out)
-                emit(f"          {n} file(s) copied back to {out}")
+            run.emit(
+                f"          L1 up in {lab.timings['l1_boot']:.1f}s; {lab.facts['kvm']['reason']}"
+            )
+            status = run.experiment(lab)
         finally:
-            with phases.phase("lab down"):
+            with run.phases.phase("lab down"):
                 lab.down()
     return {
         "timings_s": {k: round(v, 1) for k, v in lab.timings.items()},
         "kvm": lab.facts.get("kvm", {}),
-        "inner_exit_status": res.exit_status,
+        "inner_exit_status": status,
     }
 
 

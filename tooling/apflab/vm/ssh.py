@@ -180,6 +180,18 @@ class SSH:
         except (paramiko.SSHException, OSError) as err:
             raise SSHError(f"{self.name}: cannot copy {local} to {remote}: {err}") from err
 
+    def put_files(self, pairs: Sequence[tuple[Path, str]]) -> None:
+        """Copy local files to remote paths, making the remote directories first."""
+        dirs = sorted({str(PurePosixPath(remote).parent) for _, remote in pairs})
+        if dirs:
+            self.run(["mkdir", "-p", *dirs])
+        try:
+            with self.client.open_sftp() as sftp:
+                for local, remote in pairs:
+                    sftp.put(str(local), remote)
+        except (paramiko.SSHException, OSError) as err:
+            raise SSHError(f"{self.name}: cannot copy files to {dirs}: {err}") from err
+
     def get(self, remote: str, local: Path) -> None:
         try:
             with self.client.open_sftp() as sftp:

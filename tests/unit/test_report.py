@@ -9,7 +9,8 @@ from pathlib import Path
 from apflab.analysis import parse, verdict
 from apflab.analysis.analyzer import analyze
 from apflab.analysis.model import METRICS
-from apflab.analysis.verdict import Evidence, Thresholds
+from apflab.analysis.thresholds import Thresholds
+from apflab.analysis.verdict import Evidence
 from apflab.report import html, plots
 
 TRACES = Path(__file__).parent / "fixtures" / "traces"

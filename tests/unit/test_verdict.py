@@ -11,7 +11,8 @@ import pytest
 
 from apflab.analysis import analyzer, parse, verdict
 from apflab.analysis.model import Analysis
-from apflab.analysis.verdict import Evidence, Thresholds
+from apflab.analysis.thresholds import Thresholds
+from apflab.analysis.verdict import Evidence
 
 TRACES = Path(__file__).parent / "fixtures" / "traces"
 MAP = {134: 0, 135: 1}

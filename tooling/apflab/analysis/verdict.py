@@ -38,11 +38,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from apflab.analysis.analyzer import analyze
 from apflab.analysis.model import METRICS, Analysis, Invariant
+from apflab.analysis.thresholds import Thresholds
 
 PASS, FAIL, INVALID, ERROR = "PASS", "FAIL", "INVALID", "ERROR"
 #: Invariant names computed here from outside evidence (the rest come from the trace).
@@ -51,83 +52,6 @@ HUNG_INVARIANT = "no_hung_tasks"
 GUEST_INVARIANT = "guest_kernel_healthy"
 _KERNEL_KEYS = ("release", "path", "sha256", "cmdline")
 _MAX_LISTED = 64
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """What a passing run must show.  Defaults come from the measured healthy
-    nested-lab runs (TCG L1 → KVM L2, 2 vCPUs; the slowest setting apflab runs
-    in) with about 10x headroom, so they catch stalls and gross regressions,
-    not noise:
-
-    ======================  ==========  ================================================
-    metric                  p99 bound   measured p99 (stock-1 / stock-2 / tiny-good-1)
-    ======================  ==========  ================================================
-    not_present_to_ready    100 ms      5.9 / 9.6 / 4.7 ms
-    completed_to_ready      50 ms       0.95 / 4.3 / 0.84 ms
-    ready_to_ack            25 ms       1.4 / 2.5 / 0.69 ms
-    ======================  ==========  ================================================
-
-    Max bounds are 10 s for all three (healthy maxima: not_present→ready 0.29 /
-    2.1 / 0.065 s, completed→ready 0.29 / 2.1 / 0.061 s, ready→ACK 0.26 / 0.29 /
-    0.036 s).  A max includes censored samples, so a stall longer than 10 s fails
-    it even when no other rule does.
-
-    :ivar latency_p99_us: p99 bound per metric (µs); a metric left out is not bounded
-    :ivar latency_max_us: max bound per metric (µs)
-    :ivar grace_s: a token outstanding / a ready un-ACKed at the end of the trace
-        for longer than this breaks its invariant (pass :attr:`grace_us` to
-        :func:`~apflab.analysis.analyzer.analyze`)
-    :ivar stall_s: a token outstanding longer than this is a stall (FAIL even if
-        the workload finished)
-    :ivar min_async_pf: fewer not_present events make the run INVALID (too little
-        pressure to judge)
-    :ivar min_host_swap_out_bytes: the host must have swapped at least this much
-    :ivar hyp_ack_abs_tolerance: HYP interrupts (guest ``/proc/interrupts`` delta)
-        may differ from ACK writes in the trace by this many...
-    :ivar hyp_ack_rel_tolerance: ...or by this fraction of the HYP delta, whichever
-        is larger.  Why a tolerance at all: the guest reads its counter before and
-        after the workload, while the trace also holds the ACKs of boot and
-        shutdown (measured: stock-1 15,994 ACKs vs HYP delta 15,985 (7 ACKs after
-        the last read, 2 before the first); stock-2 14,796 vs 14,794; tiny-good-1
-        12,331 vs 12,330).  A missing ACK write (the bug class this guards) makes
-        the ACK count 0 or far off, never within 16 of thousands.
-    """
-
-    latency_p99_us: Mapping[str, int] = field(
-        default_factory=lambda: {
-            "not_present_to_ready": 100_000,
-            "completed_to_ready": 50_000,
-            "ready_to_ack": 25_000,
-            # provisional until the lab calibration: a stock kernel on a loaded
-            # machine measured 68.6 ms (839 samples; stock-1 on a quiet one: 1.6 ms)
-            "queued_completed_to_ready": 100_000,
-        }
-    )
-    latency_max_us: Mapping[str, int] = field(
-        default_factory=lambda: {
-            "not_present_to_ready": 10_000_000,
-            "completed_to_ready": 10_000_000,
-            "ready_to_ack": 10_000_000,
-            "queued_completed_to_ready": 10_000_000,
-        }
-    )
-    grace_s: float = 1.0
-    stall_s: float = 10.0
-    min_async_pf: int = 1000
-    min_host_swap_out_bytes: int = 1
-    hyp_ack_abs_tolerance: int = 16
-    hyp_ack_rel_tolerance: float = 0.005
-
-    @property
-    def grace_us(self) -> int:
-        return int(self.grace_s * 1_000_000)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["latency_p99_us"] = dict(self.latency_p99_us)
-        d["latency_max_us"] = dict(self.latency_max_us)
-        return d
 
 
 @dataclass
@@ -339,8 +263,17 @@ def _invalid_findings(
 
 
 def _latency_failures(analysis: Analysis, th: Thresholds) -> list[str]:
-    """Precedence 6: p99 and max latency bounds."""
+    """Precedence 6: the latency bounds: floors (p10) first, then p99 and max."""
     out = []
+    for metric in METRICS:
+        h = analysis.latency[metric]
+        if h.count == 0:
+            continue
+        floor = th.latency_p10_us.get(metric)
+        p10 = h.percentile("10")
+        if floor is not None and p10 is not None and p10 > floor:
+            what = "the ACK comes late on every page-ready: " if metric == "ready_to_ack" else ""
+            out.append(f"{what}{metric} p10 {p10} us > {floor} us ({h.count} samples)")
     for metric in METRICS:
         h = analysis.latency[metric]
         if h.count == 0:

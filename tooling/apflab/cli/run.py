@@ -15,7 +15,8 @@ from apflab.cli.exitcodes import EXIT_OK, verdict_exit
 from apflab.errors import AnalysisError, UsageError
 from apflab.lab.l1 import LabConfig
 from apflab.run import dispatch
-from apflab.run.records import VCPUS_FILE, read_vcpus, vcpu_of_pid
+from apflab.run.judge import judge
+from apflab.run.records import VCPUS_FILE, RunRecord, read_vcpus, vcpu_of_pid
 from apflab.run.scenario import Option, Scenario
 
 
@@ -133,6 +134,18 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_judge(args: argparse.Namespace) -> int:
+    try:
+        rec = RunRecord.load(args.results_dir.resolve())
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UsageError(
+            f"{args.results_dir}: not a run's results dir apflab can read (run.json: {err})"
+        ) from None
+    doc = judge(rec)
+    print_summary(doc, rec.results.parent)
+    return verdict_exit(doc.get("verdict"))
+
+
 def register(sub: Any) -> None:
     r = sub.add_parser(
         "run", help="a full async-PF latency verdict (exit 0 PASS, 1 FAIL, 2 INVALID, 3 ERROR)"
@@ -155,6 +168,12 @@ def register(sub: Any) -> None:
     lab.add_argument("--lab-memory", type=positive_int, default=3072, metavar="MB")
     lab.add_argument("--lab-cpus", type=positive_int, default=1)
     r.set_defaults(func=cmd_run)
+
+    j = sub.add_parser(
+        "judge", help="judge a run's results dir again with today's rules (rewrites its verdict)"
+    )
+    j.add_argument("results_dir", type=Path)
+    j.set_defaults(func=cmd_judge)
 
     a = sub.add_parser("analyze", help="re-analyse a saved trace (plain, .xz or .gz)")
     a.add_argument("trace", type=existing_file)

@@ -21,7 +21,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from apflab import paths
-from apflab.analysis.verdict import Thresholds
 from apflab.errors import ApflabError, PreflightError, UsageError, VMError
 from apflab.host import kvm, tracefs
 from apflab.images.build import ensure
@@ -163,7 +162,10 @@ class _Experiment:
             return vm.check_alive
         session = self.session
         stall = StallWatch(
-            session.out_path, session.mark, vcpu_of_pid(self.rec.vcpus), Thresholds().stall_s
+            session.out_path,
+            session.mark,
+            vcpu_of_pid(self.rec.vcpus),
+            self.scenario.verdict_bounds(paths.in_lab()).stall_s,
         )
 
         def watch() -> None:

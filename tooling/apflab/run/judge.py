@@ -50,7 +50,7 @@ def judge(rec: RunRecord, extra: dict[str, Any] | None = None) -> dict[str, Any]
     :param extra: more top-level keys for verdict.json (the lab's facts)
     """
     t0 = time.monotonic()
-    thresholds = verdict.Thresholds()
+    thresholds = rec.scenario.verdict_bounds(rec.host.in_lab)
     analysis: Analysis | None = None
     if rec.trace.path is not None:
         # the trace ends with our "trace end" marker: the end of observation

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from apflab import paths
+from apflab.analysis import thresholds
+from apflab.analysis.thresholds import Thresholds
 from apflab.errors import UsageError
 from apflab.kernel import DEBIAN_SOURCES, DEFAULT_SOURCE, KernelSpec, check_bzimage
 from apflab.run.pressure import PressureSpec, check_sizes
@@ -253,6 +255,16 @@ class Scenario:
         default=8192,
         metadata=opt("trace ring buffer per CPU", parse=int, unit="KB", check=positive),
     )
+    thresholds: Path | None = field(
+        default=None,
+        metadata=opt(
+            "verdict bounds: a JSON file overriding the profile of where the guest runs "
+            "(nested-lab or bare-metal; see analysis/thresholds.py)",
+            parse=Path,
+            check=existing_file,
+            file=True,
+        ),
+    )
     accel: str | None = field(
         default=None,
         metadata=opt(
@@ -336,6 +348,12 @@ class Scenario:
                 "build one: give one or the other"
             )
         check_sizes(self.pressure_spec(), self.workload_spec().total_mb, self.guest_memory)
+
+    def verdict_bounds(self, in_lab: bool) -> Thresholds:
+        """The bounds the verdict applies: the profile of where the guest ran, with
+        the ``thresholds`` file's changes."""
+        base = thresholds.for_host(in_lab)
+        return thresholds.load(self.thresholds, base) if self.thresholds else base
 
     def kernel_spec(self) -> KernelSpec | None:
         """The guest kernel to build, or None (the image's kernel, or ``kernel``)."""

@@ -31,7 +31,7 @@ class StallWatch:
     :param trace: the file the tracer streams to
     :param mark: writes a line into the trace now
         (:meth:`apflab.host.tracefs.TraceSession.mark`)
-    :param stall_s: the bound (:attr:`apflab.analysis.verdict.Thresholds.stall_s`)
+    :param stall_s: the bound (:attr:`apflab.analysis.thresholds.Thresholds.stall_s`)
     """
 
     def __init__(

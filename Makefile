@@ -11,7 +11,7 @@ APFLAB := $(VENV)/bin/apflab
 RESULTS ?= $(CURDIR)/results
 STAMP := $(VENV)/.deps-$(shell cat requirements.lock requirements-dev.lock setup.cfg | sha256sum | cut -c1-16)
 
-.PHONY: all deps lock images lint unit functional check run bench cleanup doctor clean help
+.PHONY: all deps lock images lint unit functional check run bench calibrate cleanup doctor clean help
 all: help
 help:
 	@echo "make run    - full async-PF latency verdict on the default lab (exit 0 PASS,1 FAIL,2 INVALID,3 ERROR)"
@@ -84,6 +84,11 @@ run: deps images
 
 bench: deps
 	$(APFLAB) bench
+
+# the calibration runs of docs/calibration.md (kernels x samples in one lab; ~2.5 min a run)
+calibrate: deps images
+	$(APFLAB) cleanup
+	$(APFLAB) calibrate --results $(RESULTS)
 
 cleanup: deps
 	$(APFLAB) cleanup

@@ -9,7 +9,7 @@ from typing import Any
 
 from apflab.cli.args import existing_file, positive_int
 from apflab.cli.exitcodes import EXIT_OK
-from apflab.suite import bench
+from apflab.suite import bench, calibrate
 from apflab.suite.functional import check_functional
 
 
@@ -33,6 +33,26 @@ def format_bench(result: dict[str, Any]) -> str:
     )
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    cells = calibrate.default_cells(args.delays, args.modes)
+    if args.only:
+        cells = [c for c in cells if c.name in args.only]
+    root = calibrate.calibrate(cells, args.samples, args.results, _emit)
+    print(f"calibration: {root / 'summary.md'}")
+    return EXIT_OK
+
+
+def _emit(line: str) -> None:
+    print(line, flush=True)
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of µs") from None
+
+
 def cmd_check_functional(args: argparse.Namespace) -> int:
     return check_functional(args.results, args.only, args.tags)
 
@@ -43,6 +63,22 @@ def register(sub: Any) -> None:
     b.add_argument("--repeat", type=positive_int, default=3)
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
+
+    k = sub.add_parser(
+        "calibrate", help="the calibration runs: kernels x samples in one lab, tabulated"
+    )
+    k.add_argument("--samples", type=positive_int, default=5)
+    k.add_argument("--delays", type=_ints, default=list(calibrate.DELAYS_US), metavar="US,US,...")
+    k.add_argument(
+        "--modes",
+        type=lambda t: [m for m in t.split(",") if m],
+        default=list(calibrate.FAULT_MODES),
+        metavar="MODE,...",
+        help="apflab_ack= modes of the ack-faults kernel (empty: none)",
+    )
+    k.add_argument("--only", action="append", metavar="CELL", help="run only these cells")
+    k.add_argument("--results", type=Path, default=Path("results"))
+    k.set_defaults(func=cmd_calibrate)
 
     c = sub.add_parser("check-functional", help="the functional suite, on this host and in the lab")
     c.add_argument("--results", type=Path, default=Path("results"))

@@ -36,6 +36,8 @@ $(STAMP): requirements.lock requirements-dev.lock setup.cfg
 	command -v patch >/dev/null || missing+=(patch)
 	command -v ccache >/dev/null || missing+=(ccache)
 	[ -e /usr/include/libelf.h ] || missing+=(libelf-dev)
+	# the report's browser test (Debian's headless Chromium)
+	command -v chromium >/dev/null || missing+=(chromium)
 	$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 	if [ $${#missing[@]} -gt 0 ]; then
 	  echo "deps: apt-get install $${missing[*]}"

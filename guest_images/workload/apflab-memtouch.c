@@ -14,8 +14,13 @@
  * and sleeps MS milliseconds between rounds, giving the host time to swap the
  * set out again.  For every (process, round) it prints one JSON line:
  *   {"proc":0,"round":1,"pages":15360,"seconds":1.234,"max_touch_us":5123,
- *    "slow_touches":812}
- * where a slow touch took more than 100 us (a fault that had to wait).
+ *    "slow_touches":812,"start_ms":8123.4,"hist_log2_us":[...],
+ *    "stalls":[[t_ms,us],...],"stalls_dropped":0}
+ * where a slow touch took more than 100 us (a fault that had to wait);
+ * start_ms is the round's start on the program's clock (ms since it started);
+ * hist_log2_us[b] counts touches of [2^b, 2^(b+1)) us (b = 0: under 2 us; the
+ * last bucket everything longer); stalls lists every touch of 1 ms or more as
+ * [start ms on the program's clock, us] (the first MAX_STALLS of each round).
  * Exit status: 0 when every process finished every round, 1 otherwise,
  * 2 on bad arguments.
  *
@@ -36,6 +41,19 @@
 #define PAGE 4096UL
 #define BURST 64UL
 #define SLOW_NS 100000ULL
+#define STALL_NS 1000000ULL
+#define HIST_BUCKETS 25
+#define MAX_STALLS 1000
+
+struct round_stats {
+	uint64_t max_ns;
+	size_t slow;
+	size_t hist[HIST_BUCKETS];
+	size_t nstalls, stalls_dropped;
+	uint64_t stall_at_ns[MAX_STALLS], stall_ns[MAX_STALLS];
+};
+
+static uint64_t prog_start_ns;
 
 enum pattern { SEQ, RANDOM, BURSTY };
 
@@ -82,26 +100,60 @@ static void build_order(size_t *order, size_t n, enum pattern p)
 	}
 }
 
-static void report(int proc, int round, size_t pages, uint64_t ns, uint64_t max_ns,
-		   size_t slow)
+static void account(struct round_stats *st, uint64_t at, uint64_t dt)
 {
+	uint64_t us = dt / 1000;
+	int b = 0;
+
+	if (dt > st->max_ns)
+		st->max_ns = dt;
+	if (dt > SLOW_NS)
+		st->slow++;
+	while (b < HIST_BUCKETS - 1 && us >= (2ULL << b))
+		b++;
+	st->hist[b]++;
+	if (dt >= STALL_NS) {
+		if (st->nstalls < MAX_STALLS) {
+			st->stall_at_ns[st->nstalls] = at - prog_start_ns;
+			st->stall_ns[st->nstalls++] = dt;
+		} else {
+			st->stalls_dropped++;
+		}
+	}
+}
+
+static void report(int proc, int round, size_t pages, uint64_t t0, uint64_t ns,
+		   const struct round_stats *st)
+{
+	size_t i;
+
 	printf("{\"proc\":%d,\"round\":%d,\"pages\":%zu,\"seconds\":%.6f,"
-	       "\"max_touch_us\":%llu,\"slow_touches\":%zu}\n",
-	       proc, round, pages, ns / 1e9, (unsigned long long)(max_ns / 1000), slow);
+	       "\"max_touch_us\":%llu,\"slow_touches\":%zu,\"start_ms\":%.3f,"
+	       "\"hist_log2_us\":[",
+	       proc, round, pages, ns / 1e9, (unsigned long long)(st->max_ns / 1000), st->slow,
+	       (t0 - prog_start_ns) / 1e6);
+	for (i = 0; i < HIST_BUCKETS; i++)
+		printf("%s%zu", i ? "," : "", st->hist[i]);
+	printf("],\"stalls\":[");
+	for (i = 0; i < st->nstalls; i++)
+		printf("%s[%.3f,%llu]", i ? "," : "", st->stall_at_ns[i] / 1e6,
+		       (unsigned long long)(st->stall_ns[i] / 1000));
+	printf("],\"stalls_dropped\":%zu}\n", st->stalls_dropped);
 	fflush(stdout);
 }
 
 static int worker(int proc, size_t mb, int rounds, enum pattern p, int pause_ms)
 {
-	size_t n = mb * 1024 * 1024 / PAGE, i, slow;
+	size_t n = mb * 1024 * 1024 / PAGE, i;
 	volatile unsigned char *buf;
 	size_t *order;
-	uint64_t t0, t, dt, max_ns;
+	uint64_t t0, t;
+	struct round_stats *st = malloc(sizeof(*st));
 	int r;
 
 	buf = mmap(NULL, n * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	order = malloc(n * sizeof(*order));
-	if (buf == MAP_FAILED || !order) {
+	if (buf == MAP_FAILED || !order || !st) {
 		fprintf(stderr, "apflab-memtouch: proc %d: out of memory: %s\n", proc,
 			strerror(errno));
 		return 1;
@@ -111,19 +163,14 @@ static int worker(int proc, size_t mb, int rounds, enum pattern p, int pause_ms)
 			build_order(order, n, SEQ);
 		else
 			build_order(order, n, p);
-		slow = 0;
-		max_ns = 0;
+		memset(st, 0, sizeof(*st));
 		t0 = now_ns();
 		for (i = 0; i < n; i++) {
 			t = now_ns();
 			buf[order[i] * PAGE] += 1;
-			dt = now_ns() - t;
-			if (dt > max_ns)
-				max_ns = dt;
-			if (dt > SLOW_NS)
-				slow++;
+			account(st, t, now_ns() - t);
 		}
-		report(proc, r, n, now_ns() - t0, max_ns, slow);
+		report(proc, r, n, t0, now_ns() - t0, st);
 		if (r < rounds && pause_ms > 0)
 			usleep((useconds_t)pause_ms * 1000);
 	}
@@ -168,6 +215,7 @@ int main(int argc, char **argv)
 	if (mb <= 0 || procs <= 0 || procs > 256 || rounds < 0 || pause_ms < 0)
 		usage();
 	setvbuf(stdout, NULL, _IOLBF, 0);
+	prog_start_ns = now_ns();
 	for (i = 0; i < procs; i++) {
 		pid_t pid = fork();
 		if (pid < 0) {

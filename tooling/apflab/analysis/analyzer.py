@@ -170,6 +170,7 @@ class _Analyzer:
             vcpu.ready_right_before_us = None
             return
         self.timeline.record(vcpu.series, ts, len(vcpu.outstanding))
+        self.timeline.record_peak(self.timeline.ready_latency, ts, ts - ended.not_present_us)
         self.acks.on_ready(vcpu, ts, ended)
 
     def _on_ack(self, vcpu: VcpuState, ts: int, _token: int, _gva: int) -> None:

@@ -121,6 +121,8 @@ class Timeline:
     t0_us: int
     bin_us: int
     series: dict[str, list[int]]
+    #: per bin, the longest not_present→ready (µs) of the readies logged in it
+    ready_latency_max_us: list[int] = field(default_factory=list)
 
 
 @dataclass

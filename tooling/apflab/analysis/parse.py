@@ -35,7 +35,7 @@ import io
 import lzma
 import re
 from collections.abc import Callable, Generator, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
 from typing import NamedTuple, TextIO
@@ -95,6 +95,8 @@ class ParseStats:
         text that is not a trace line); includes ``malformed``
     :ivar malformed: lines of a handled event whose arguments did not parse
     :ivar first_malformed: the first such line, for error messages
+    :ivar markers: ``(ts_us, text)`` of each ``trace_marker`` line (the first
+        :data:`MAX_MARKERS`): what the runner noted on the trace clock
     """
 
     lines: int = 0
@@ -103,6 +105,15 @@ class ParseStats:
     unparsed: int = 0
     malformed: int = 0
     first_malformed: str | None = None
+    markers: list[tuple[int, str]] = field(default_factory=list)
+
+    def marker(self, text: str) -> int | None:
+        """The time of the first marker with this text, None if there is none."""
+        return next((ts for ts, t in self.markers if t == text), None)
+
+
+#: trace_marker lines kept in :attr:`ParseStats.markers`
+MAX_MARKERS = 10_000
 
 
 _MARKER_SEP = ": tracing_mark_write: "
@@ -245,6 +256,14 @@ def _parse_marker(line: str) -> Event | None:
         return None
 
 
+def _keep_marker(line: str, stats: ParseStats) -> Event | None:
+    """A ``trace_marker`` line's event, its text kept in ``stats.markers``."""
+    marker = _parse_marker(line)
+    if marker is not None and len(stats.markers) < MAX_MARKERS:
+        stats.markers.append((marker.ts_us, line.partition(_MARKER_SEP)[2].strip()))
+    return marker
+
+
 def _is_header(line: str) -> bool:
     return not line.strip() or line.lstrip().startswith("#")
 
@@ -311,7 +330,7 @@ def iter_events(
             if not sep:
                 if _is_header(line):
                     header += 1
-                elif (marker := _parse_marker(line)) is not None:
+                elif (marker := _keep_marker(line, stats)) is not None:
                     yield marker
                 else:
                     unparsed += 1

@@ -36,6 +36,8 @@ class TimelineBuilder:
         #: time of the first event (bin 0 starts there); set by the analyzer
         self.t0_us: int | None = None
         self._series: list[Series] = []
+        #: the longest not_present→ready of the readies of each bin (µs; 0: none)
+        self.ready_latency = self.new_series()
 
     def new_series(self) -> Series:
         series = Series()
@@ -58,6 +60,19 @@ class TimelineBuilder:
         bins[index] = outstanding if outstanding > bins[index] else bins[index]
         series.outstanding = outstanding
 
+    def record_peak(self, series: Series, ts_us: int, value: int) -> None:
+        """A sample at ``ts_us``: the bin keeps its largest (empty bins stay 0)."""
+        assert self.t0_us is not None
+        offset = ts_us - self.t0_us
+        index = offset // self.bin_us if offset > 0 else 0
+        while index >= self.max_bins:
+            self._double_bin_width()
+            index = (ts_us - self.t0_us) // self.bin_us
+        bins = series.bins
+        if index >= len(bins):
+            bins.extend([0] * (index + 1 - len(bins)))
+        bins[index] = value if value > bins[index] else bins[index]
+
     def _double_bin_width(self) -> None:
         self.bin_us *= 2
         for series in self._series:
@@ -71,5 +86,8 @@ class TimelineBuilder:
         chosen = list(labelled)
         for _, series in chosen:
             self.record(series, max(end_us, self.t0_us), series.outstanding)
+        self.record_peak(self.ready_latency, max(end_us, self.t0_us), 0)
         by_label = {label: series.bins for label, series in chosen}
-        return Timeline(self.t0_us, self.bin_us, dict(sorted(by_label.items())))
+        return Timeline(
+            self.t0_us, self.bin_us, dict(sorted(by_label.items())), self.ready_latency.bins
+        )

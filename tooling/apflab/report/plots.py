@@ -10,6 +10,7 @@ import io
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from apflab.analysis.guest import GuestView
 from apflab.analysis.stats import Bucket, Histogram
 
 if TYPE_CHECKING:
@@ -43,9 +44,9 @@ def latency_png(metric: str, hist: Histogram, bounds: Mapping[str, int] | None =
     red: as crosses on the CDF and as a red stack in the histogram, and their
     number is in the title, so a stall is visible at a glance.
 
-    :param bounds: the verdict's bounds for this metric (``{"p99": us, "max": us}``),
-        drawn on the CDF: the curve must reach 0.99 left of the p99 line and 1 left
-        of the max line
+    :param bounds: the verdict's bounds for this metric (``{"p10": us, "p99": us, "max":
+        us}``), drawn on the CDF: the curve must reach 0.10 left of the p10 line (a
+        floor), 0.99 left of the p99 line and 1 left of the max line
     """
     fig = _new_figure(9.0, 3.2)
     ax_cdf, ax_hist = fig.subplots(1, 2)
@@ -115,7 +116,11 @@ def _draw_cdf(ax: Axes, hist: Histogram, buckets: list[Bucket]) -> None:
     ax.legend(fontsize=8, loc="lower right")
 
 
-_BOUND_STYLE = {"p99": ("tab:orange", 0.99), "max": ("tab:purple", 1.0)}
+_BOUND_STYLE = {
+    "p10": ("tab:green", 0.10),
+    "p99": ("tab:orange", 0.99),
+    "max": ("tab:purple", 1.0),
+}
 
 
 def _draw_bounds(ax: Axes, bounds: Mapping[str, int]) -> None:
@@ -161,3 +166,44 @@ def _draw_hist(ax: Axes, buckets: list[Bucket]) -> None:
     ax.set_ylabel("samples")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
+
+
+def guest_and_host_png(timeline: Timeline, guest: GuestView) -> bytes:
+    """One time axis, seconds since the workload started: the host's longest
+    not_present→ready per bin (top) and the guest's touches of 1 ms or more (bottom)."""
+    fig = _new_figure(9.0, 4.2)
+    ax_host, ax_guest = fig.subplots(2, 1, sharex=True)
+    start = guest.start_us if guest.start_us is not None else timeline.t0_us
+    bins = timeline.ready_latency_max_us
+    xs = [(timeline.t0_us + i * timeline.bin_us - start) / 1e6 for i in range(len(bins))]
+    pts = [(x, v) for x, v in zip(xs, bins, strict=True) if v > 0]
+    if pts:
+        ax_host.plot([p[0] for p in pts], [p[1] for p in pts], ".", markersize=3)
+    ax_host.set_ylabel("host: longest\nnot_present→ready (µs)", fontsize=8)
+    ax_host.set_yscale("log")
+    ax_host.grid(True, which="both", alpha=0.3)
+    if guest.stalls:
+        ax_guest.plot(
+            [t for t, _ in guest.stalls],
+            [us for _, us in guest.stalls],
+            ".",
+            color="tab:red",
+            markersize=3,
+        )
+    else:
+        ax_guest.text(
+            0.5,
+            0.5,
+            "no touch of 1 ms or more",
+            ha="center",
+            va="center",
+            transform=ax_guest.transAxes,
+        )
+    ax_guest.set_ylabel("guest: touches\n≥ 1 ms (µs)", fontsize=8)
+    ax_guest.set_yscale("log")
+    ax_guest.grid(True, which="both", alpha=0.3)
+    where = "the workload-start marker" if guest.start_us is not None else "the first event"
+    ax_guest.set_xlabel(
+        f"seconds since the workload started ({where}; host bin {timeline.bin_us} µs)"
+    )
+    return _png(fig)

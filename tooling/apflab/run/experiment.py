@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from apflab import paths
+from apflab.analysis.guest import WORKLOAD_START
 from apflab.errors import ApflabError, PreflightError, UsageError, VMError
 from apflab.host import kvm, tracefs
 from apflab.images.build import ensure
@@ -142,6 +143,8 @@ class _Experiment:
         with phases.phase("memory limit"):
             self.squeeze()
         with phases.phase("workload"):
+            if self.session is not None:  # the guest's clock starts about here
+                self.session.mark(WORKLOAD_START)
             wl = run_workload(
                 vm, self.scenario.workload_spec(), self.scenario.deadline, self.watch(vm)
             )

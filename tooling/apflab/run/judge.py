@@ -13,6 +13,7 @@ from typing import Any
 
 from apflab.analysis import verdict
 from apflab.analysis.analyzer import analyze_trace
+from apflab.analysis.guest import WORKLOAD_START, guest_view
 from apflab.analysis.model import Analysis
 from apflab.errors import AnalysisError
 from apflab.report import html
@@ -44,6 +45,15 @@ def evidence(rec: RunRecord) -> verdict.Evidence:
     )
 
 
+def _workload_part(rec: RunRecord) -> dict[str, Any] | None:
+    """The workload in verdict.json: each round's stall list stays in workload.jsonl."""
+    if rec.workload is None:
+        return None
+    doc = rec.workload.to_dict()
+    doc["rounds"] = [{k: v for k, v in r.items() if k != "stalls"} for r in doc["rounds"]]
+    return doc
+
+
 def judge(rec: RunRecord, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Analyse the trace and the evidence; write report.html and verdict.json.
 
@@ -52,11 +62,14 @@ def judge(rec: RunRecord, extra: dict[str, Any] | None = None) -> dict[str, Any]
     t0 = time.monotonic()
     thresholds = rec.scenario.verdict_bounds(rec.host.in_lab)
     analysis: Analysis | None = None
+    workload_start: int | None = None
     if rec.trace.path is not None:
         # the trace ends with our "trace end" marker: the end of observation
-        analysis, _ = analyze_trace(
+        analysis, stats = analyze_trace(
             rec.trace.path, vcpu_of_pid(rec.vcpus), grace_us=thresholds.grace_us
         )
+        workload_start = stats.marker(WORKLOAD_START)
+    guest = guest_view(rec.workload.rounds if rec.workload else (), workload_start)
     ev = evidence(rec)
     result = verdict.judge(analysis, ev, thresholds)
     if analysis is None and not rec.errors and rec.guest.accel == "tcg":
@@ -75,14 +88,15 @@ def judge(rec: RunRecord, extra: dict[str, Any] | None = None) -> dict[str, Any]
     doc["run_id"] = rec.run_id
     doc["scenario"] = rec.scenario.to_dict()
     doc["pressure"] = rec.pressure.to_dict()
-    doc["workload"] = rec.workload.to_dict() if rec.workload else None
+    doc["workload"] = _workload_part(rec)
+    doc["guest_view"] = guest.summary()
     doc["retries"] = rec.retries
     doc.update(extra or {})
     doc["phases_s"] = dict(rec.phases)
     doc["phases_s"]["analysis"] = round(time.monotonic() - t0, 1)
     t1 = time.monotonic()
     try:
-        html.write_report(rec.results, doc, analysis)
+        html.write_report(rec.results, doc, analysis, guest)
     except AnalysisError as err:  # the verdict stands without its report
         log.error("report: %s", err)
         doc["report_error"] = str(err)

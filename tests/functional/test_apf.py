@@ -1,9 +1,12 @@
 """The async-PF latency verdict: lab → guest → pressure → trace → verdict.
 
-The test fails with the verdict's reason unless the kernel under test PASSes;
-verdict.json and report.html land in the test's output dir.  Set the param
-``expect`` to FAIL to run a negative control (a kernel without the ACK write
-must FAIL, never PASS or ERROR).
+One run of ``apflab run`` (apflab.run.dispatch): on a KVM host right here,
+otherwise through the nested lab (the one ``apflab lab up`` left running, when
+there is one).  The test holds the verdict to the param ``expect`` (PASS by
+default) and, when given, its reason to ``expect_reason``: tests/functional/
+controls.yaml makes this one test the suite's positive and negative controls
+(a kernel without the ACK write must FAIL, never PASS or ERROR).
+verdict.json and report.html land in the test's output dir.
 """
 
 import os
@@ -11,38 +14,50 @@ from pathlib import Path
 
 from avocado import Test
 
-from apflab.host import kvm, leftovers
-from apflab.run.experiment import execute
-from apflab.run.judge import judge
+from apflab.host import leftovers
+from apflab.run import dispatch
 from apflab.run.scenario import Scenario
 
 
 class AsyncPfVerdict(Test):
     """
-    :avocado: tags=apf
+    :avocado: tags=apf,kvm
     """
 
     timeout = 1500
 
     def test_verdict(self) -> None:
-        info = kvm.probe()
-        if not info.usable:
-            self.cancel(f"needs real KVM ({info.reason}); runs in the lab phase")
         expect = self.params.get("expect", default="PASS")
+        reason = self.params.get("expect_reason", default=None)
+        min_async_pf = int(self.params.get("min_async_pf", default=0))
         scenario = Scenario.from_params(self.params)
-        run_id = f"apf-{self.name.uid}-{os.getpid()}"
+        run_id = f"apf-{self.name.uid}-{os.getpid()}".replace(";", "-")
         out = Path(self.outputdir)
-        rec = execute(scenario, out, run_id, self.log.info)
-        doc = judge(rec)
+        doc = dispatch.run(scenario, out, self.log.info, run_id=run_id)
         self.assertEqual(leftovers.find(run_id), [], "host changes left behind")
-        self.assertTrue((out / "verdict.json").is_file())
-        self.assertTrue((out / "report.html").is_file())
+        for name in ("verdict.json", "report.html"):
+            self.assertTrue((out / run_id / name).is_file(), f"no {name}")
+        events = doc["events"]
         lat = doc["latency_us"]["not_present_to_ready"]
         self.whiteboard = (
-            f"{doc['verdict']}: not_present {doc['events']['not_present']}, "
-            f"ready {doc['events']['ready']}, ack {doc['events']['ack']}, lost "
-            f"{doc['events']['lost']}; np->ready p50 {lat['p50']} p99 {lat['p99']} us"
+            f"{doc['verdict']}: not_present {events['not_present']}, ready {events['ready']}, "
+            f"ack {events['ack']}, lost {events['lost']}; np->ready p50 {lat['p50']} "
+            f"p99 {lat['p99']} us; {doc['reason']}"
         )
         self.log.info("verdict %s: %s", doc["verdict"], doc["reason"])
         if doc["verdict"] != expect:
             self.fail(f"expected {expect}, got {doc['verdict']}: {doc['reason']}")
+        if reason is not None:
+            self.assertIn(reason, doc["reason"], "the verdict is right but not its reason")
+        if expect == "PASS":
+            self.assert_pressure(doc, min_async_pf)
+
+    def assert_pressure(self, doc: dict, min_async_pf: int) -> None:  # type: ignore[type-arg]
+        """A PASS must come from a run that really put the guest under pressure."""
+        pressure = doc["pressure"]
+        self.assertGreater(pressure["swap_out_mb"], 0, "the host did not swap the guest out")
+        self.assertGreater(pressure["major_faults"], 0, "no major faults in the guest's cgroup")
+        self.assertTrue(doc["workload"]["completed"], "the workload did not complete")
+        self.assertGreaterEqual(
+            doc["events"]["not_present"], min_async_pf, f"fewer than {min_async_pf} async PFs"
+        )

@@ -82,6 +82,6 @@ def register(sub: Any) -> None:
 
     c = sub.add_parser("check-functional", help="the functional suite, on this host and in the lab")
     c.add_argument("--results", type=Path, default=Path("results"))
-    c.add_argument("--only", choices=["host", "lab"], default=None)
-    c.add_argument("--tags", default=None, help="avocado tag filter for both phases")
+    c.add_argument("--only", choices=["host", "kvm"], default=None)
+    c.add_argument("--tags", default=None, help="avocado tag filter for the host job")
     c.set_defaults(func=cmd_check_functional)

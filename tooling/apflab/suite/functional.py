@@ -1,14 +1,20 @@
-"""``apflab check-functional``: the Avocado suite, wherever each test can run.
+"""``apflab check-functional``: the Avocado suite, in two jobs on this host.
 
-Phase *host* runs ``avocado run tests/functional`` on this host.  Tests that
-need something this host lacks (real KVM, cgroup v2...) CANCEL themselves
-with the reason.  When /dev/kvm here cannot run stock guests, phase *lab*
-brings up the nested lab and runs the same suite inside L1, where real KVM
-is; its xunit/json results and logs are copied back to the host.
+* Job *host*: every test not tagged ``kvm`` (boot, interrupts and cleanup, the
+  lab itself, cgroup v1 pressure, the report in a browser).  Tests that need
+  something this host lacks CANCEL themselves with the reason.
+* Job *kvm*: the verdicts (``test_apf.py`` with the variants of
+  ``tests/functional/controls.yaml``: the stock kernel, the unpatched build and
+  the negative controls).  Each goes through ``apflab run``, so on a host whose
+  /dev/kvm cannot run stock guests it runs in the nested lab — one lab brought up
+  for the whole job and used by every test (``apflab lab up``), not one L1 per test,
+  and no Avocado inside the emulated L1.  Kernels are built here, before L1 needs
+  them.  When L1 itself fails during the job, the job runs again on a fresh L1
+  (the ``lab-suite`` retry policy); every failure is listed in the summary.
 
-The merged verdict is strict: a test must PASS in at least one phase, and no
-phase may FAIL, ERROR or be INTERRUPTED.  A test cancelled everywhere never
-ran, and that fails the check (a skipped check is never counted as a pass).
+The merged verdict is strict: every test must PASS, none may FAIL, ERROR or be
+INTERRUPTED, and a test that only CANCELed never ran, which fails the check (a
+skipped check is never counted as a pass).
 """
 
 from __future__ import annotations
@@ -18,148 +24,95 @@ import logging
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from apflab import paths
-from apflab.errors import LabError, SSHError, UsageError, VMError
+from apflab.errors import LabError, UsageError
 from apflab.host import kvm
-from apflab.lab.assets import ASSETS_MOUNT, L1_RESULTS
-from apflab.lab.l1 import Lab, LabConfig
+from apflab.lab import session
+from apflab.lab.l1 import LabConfig
 from apflab.retry import POLICIES, Retrier
-from apflab.undo import UndoStack
+from apflab.undo import pid_alive
 
 log = logging.getLogger(__name__)
 
 SUITE = "tests/functional"
 CONFIG = "tests/avocado.conf"
+CONTROLS = "tests/functional/controls.yaml"
+VERDICTS = "tests/functional/test_apf.py"
 BAD = {"FAIL", "ERROR", "INTERRUPTED", "WARN"}
 
 
-def _avocado_argv(results_dir: str, tags: str | None) -> list[str]:
-    argv = [
-        "avocado",
-        "--config",
-        CONFIG,
-        "run",
-        "--job-results-dir",
-        results_dir,
-        "--max-parallel-tasks",
-        "1",
-        "--job-timeout",
-        "2400",
-        SUITE,
+def _avocado(results_dir: Path, tests: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
+    return [
+        str(Path(sys.executable).with_name("avocado")),
+        *("--config", CONFIG, "run", "--job-results-dir", str(results_dir)),
+        *("--max-parallel-tasks", "1", "--job-timeout", "3600"),
+        *extra,
+        *tests,
     ]
-    if tags:
-        argv += ["--filter-by-tags", tags, "--filter-by-tags-include-empty"]
-    return argv
 
 
-def _latest_job(results_dir: Path) -> Path | None:
+def _load(results_dir: Path) -> list[dict[str, Any]]:
     latest = results_dir / "latest"
-    return latest.resolve() if latest.exists() else None
-
-
-def _load(job: Path | None) -> list[dict[str, Any]]:
+    job = latest.resolve() if latest.exists() else None
     if job is None or not (job / "results.json").exists():
         return []
     tests: list[dict[str, Any]] = json.loads((job / "results.json").read_text())["tests"]
     return tests
 
 
-def run_host_phase(out: Path, tags: str | None) -> list[dict[str, Any]]:
+def _repo() -> Path:
     repo = paths.repo_root()
     if repo is None:
         raise UsageError("check-functional must run from an apflab checkout")
-    avocado = Path(sys.executable).with_name("avocado")
-    argv = _avocado_argv(str(out), tags)
-    argv[0] = str(avocado)
-    print(f"== phase host: {' '.join(argv)}", flush=True)
-    subprocess.run(argv, cwd=repo, check=False)
-    return _load(_latest_job(out))
+    return repo
 
 
-def run_lab_phase(out: Path, tags: str | None, notes: list[str]) -> list[dict[str, Any]]:
-    """The suite inside L1, one Avocado job per test file.
+def run_host_job(out: Path, tags: str | None) -> list[dict[str, Any]]:
+    """Every test but the ``kvm`` ones, right here."""
+    filters = ["--filter-by-tags", tags or "-kvm", "--filter-by-tags-include-empty"]
+    argv = _avocado(out, [SUITE], filters)
+    print(f"== job host: {' '.join(argv)}", flush=True)
+    subprocess.run(argv, cwd=_repo(), check=False)
+    return _load(out)
 
-    L1 under TCG is known to panic now and then ("BUG: TASK stack guard page was
-    hit ... Comm: CPU n/KVM", shared/lab-notes.md section 2); that says nothing
-    about apflab.  When it happens, a fresh L1 is brought up and the interrupted
-    file runs again, under the ``lab-suite`` retry policy (:mod:`apflab.retry`);
-    every failure is printed and listed in the summary.  Tests never retry
-    their own failures.
-    """
-    repo = paths.repo_root()
-    assert repo is not None
-    files = sorted(p.relative_to(repo).as_posix() for p in (repo / SUITE).glob("test_*.py"))
-    results: list[dict[str, Any]] = []
-    retrier = Retrier(POLICIES["lab-suite"], (LabError, VMError, SSHError))
-    print("== phase lab: nested KVM lab, then the suite inside L1", flush=True)
-    with UndoStack(paths.new_run_id("check-lab")) as undo:
-        labs = _Labs(out, undo)
+
+def run_kvm_job(out: Path, notes: list[str]) -> list[dict[str, Any]]:
+    """The verdicts; through one lab kept up for the job when this host needs one."""
+    argv = _avocado(out, [VERDICTS], ["-m", CONTROLS])
+    if kvm.probe().usable or paths.in_lab():
+        print(f"== job kvm (direct): {' '.join(argv)}", flush=True)
+        subprocess.run(argv, cwd=_repo(), check=False)
+        return _load(out)
+    if session.attach() is not None:
+        raise UsageError("a lab is up already: `apflab lab down` first (the suite brings its own)")
+    retrier = Retrier(POLICIES["lab-suite"], (LabError,))
+
+    def attempt(number: int) -> list[dict[str, Any]]:
+        job_dir = out if number == 1 else out.with_name(f"{out.name}-attempt{number}")
+        up, lab = session.bring_up(LabConfig(), job_dir / "L1")
+        print(f"== job kvm, lab {up.run_id} up in {lab.timings['l1_boot']:.1f}s", flush=True)
         try:
-            for i, job in enumerate(files):
-
-                def one(number: int, job: str = job) -> list[dict[str, Any]]:
-                    return _lab_job(labs.get(), job, out, tags)
-
-                def note(err: BaseException, job: str = job) -> None:
-                    line = str(err).splitlines()[0]
-                    notes.append(f"L1 #{labs.boots} failed during {job}: {line}")
-                    print(f"== {notes[-1]}", flush=True)
-                    labs.drop()
-
-                try:
-                    results += retrier.run(one, between=note)
-                except (LabError, VMError, SSHError) as err:
-                    note(err)
-                    notes.append(
-                        f"gave up after {retrier.failures} L1 failures; not run: {files[i:]}"
-                    )
-                    break
+            subprocess.run(_avocado(job_dir, [VERDICTS], ["-m", CONTROLS]), cwd=_repo())
+            alive = pid_alive(up.pid, up.start_time)
         finally:
-            labs.drop()
-    return results
+            session.tear_down()
+        if not alive:
+            raise LabError(f"L1 (pid {up.pid}) died during the job; see {job_dir / 'L1'}")
+        return _load(job_dir)
 
+    def note(err: BaseException) -> None:
+        notes.append(f"kvm job: {str(err).splitlines()[0]}; again on a fresh L1")
+        print(f"== {notes[-1]}", flush=True)
 
-class _Labs:
-    """The current L1 of the lab phase, booted when first needed."""
-
-    def __init__(self, out: Path, undo: UndoStack) -> None:
-        self.out, self.undo = out, undo
-        self.lab: Lab | None = None
-        self.boots = 0
-
-    def get(self) -> Lab:
-        if self.lab is None:
-            self.boots += 1
-            lab = Lab(LabConfig(), self.out / f"L1-{self.boots}", self.undo)
-            self.lab = lab
-            lab.up()
-            reason = lab.facts["kvm"]["reason"]
-            print(f"   L1 #{self.boots} up in {lab.timings['l1_boot']:.1f}s: {reason}", flush=True)
-        return self.lab
-
-    def drop(self) -> None:
-        if self.lab is not None:
-            self.lab.down()
-            self.lab = None
-
-
-def _lab_job(lab: Lab, job: str, out: Path, tags: str | None) -> list[dict[str, Any]]:
-    stem = Path(job).stem
-    remote = f"{L1_RESULTS}/avocado-{stem}"
-    argv = ["env", "-C", f"{ASSETS_MOUNT}/src", *_avocado_argv(remote, tags)]
-    argv[argv.index(SUITE)] = job
-
-    def stream(name: str, text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-
-    lab.run(argv, check=False, timeout=3000, on_output=stream)
-    local = out / stem
-    lab.fetch(remote, local)
-    return _load(_latest_job(local))
+    try:
+        return retrier.run(attempt, between=note)
+    except LabError as err:
+        notes.append(f"kvm job: gave up after {retrier.failures} L1 failures: {err}")
+        return []
 
 
 def _short(name: str) -> str:
@@ -167,52 +120,50 @@ def _short(name: str) -> str:
     return name[i:] if i >= 0 else name
 
 
-def merge(phases: dict[str, list[dict[str, Any]]]) -> tuple[bool, list[str]]:
-    """Combine the phases' results; return (ok, report lines)."""
+def merge(jobs: dict[str, list[dict[str, Any]]]) -> tuple[bool, list[str]]:
+    """Combine the jobs' results; return (ok, report lines)."""
     table: dict[str, dict[str, dict[str, Any]]] = {}
-    for phase, tests in phases.items():
+    for job, tests in jobs.items():
         for t in tests:
-            table.setdefault(_short(t["name"]), {})[phase] = t
+            table.setdefault(_short(t["name"]), {})[job] = t
     ok = bool(table)
     lines = []
     for name in sorted(table):
         row = table[name]
-        statuses = {p: row[p]["status"] for p in row}
+        statuses = {j: row[j]["status"] for j in row}
         passed = any(s == "PASS" for s in statuses.values())
-        bad = [p for p, s in statuses.items() if s in BAD]
+        bad = [j for j, s in statuses.items() if s in BAD]
         verdict = "ok" if passed and not bad else "FAILED"
-        if verdict != "ok":
-            ok = False
-        cells = "  ".join(f"{p}={statuses.get(p, '-')}" for p in phases)
+        ok = ok and verdict == "ok"
+        cells = "  ".join(f"{j}={s}" for j, s in statuses.items())
         lines.append(f"{verdict:6s} {name}  [{cells}]")
-        for p, t in row.items():
+        for j, t in row.items():
             if t["status"] != "PASS":
-                lines.append(f"         {p}: {t['status']}: {str(t.get('fail_reason', ''))[:300]}")
+                lines.append(f"         {j}: {t['status']}: {str(t.get('fail_reason', ''))[:300]}")
         if not passed and not bad:
-            lines.append("         never ran anywhere: a cancelled test is not a pass")
+            lines.append("         never ran: a cancelled test is not a pass")
     if not table:
         lines.append("no test results at all")
     return ok, lines
 
 
 def check_functional(results: Path, only: str | None = None, tags: str | None = None) -> int:
-    """Both phases (or ``only`` one), their merged summary; 0 when the suite passed."""
+    """Both jobs (or ``only`` one), their merged summary; 0 when the suite passed."""
     t0 = time.monotonic()
     root = results.resolve() / paths.new_run_id("check")
     root.mkdir(parents=True)
-    phases: dict[str, list[dict[str, Any]]] = {}
+    jobs: dict[str, list[dict[str, Any]]] = {}
     notes: list[str] = []
-    info = kvm.probe()
-    print(f"check-functional: results in {root}; {info.reason}", flush=True)
+    print(f"check-functional: results in {root}; {kvm.probe().reason}", flush=True)
     if only in (None, "host"):
-        phases["host"] = run_host_phase(root / "host", tags)
-    if only == "lab" or (only is None and not info.usable and not paths.in_lab()):
-        phases["lab"] = run_lab_phase(root / "lab", tags, notes)
-    ok, lines = merge(phases)
+        jobs["host"] = run_host_job(root / "host", tags)
+    if only in (None, "kvm"):
+        jobs["kvm"] = run_kvm_job(root / "kvm", notes)
+    ok, lines = merge(jobs)
     lines += [f"note: {n}" for n in notes]
     summary = "\n".join(lines)
     (root / "summary.txt").write_text(summary + "\n")
-    print("\n== functional summary (a test must PASS somewhere; nothing may FAIL/ERROR)")
+    print("\n== functional summary (every test must PASS; nothing may FAIL/ERROR)")
     print(summary)
     print(f"== {'PASSED' if ok else 'FAILED'} in {time.monotonic() - t0:.0f}s; results: {root}")
     return 0 if ok else 1

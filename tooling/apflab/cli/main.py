@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 
 from apflab import __version__
-from apflab.cli import host, kernel, lab, run, suite
+from apflab.cli import host, kernel, lab, regress, run, suite
 from apflab.cli.args import Parser
 from apflab.cli.exitcodes import EXIT_ERROR, EXIT_USAGE
 from apflab.errors import ApflabError, PreflightError, UsageError
@@ -35,7 +35,7 @@ def build_parser() -> Parser:
     p.add_argument("--version", action="version", version=f"apflab {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for module in (host, kernel, lab, run, suite):
+    for module in (host, kernel, lab, regress, run, suite):
         module.register(sub)
     return p
 

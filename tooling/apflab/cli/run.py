@@ -11,12 +11,13 @@ from typing import Any
 from apflab.analysis import verdict
 from apflab.analysis.analyzer import analyze_trace
 from apflab.cli.args import existing_file, positive_int
-from apflab.cli.exitcodes import EXIT_OK, verdict_exit
+from apflab.cli.exitcodes import EXIT_FAIL, EXIT_OK, verdict_exit
 from apflab.errors import AnalysisError, UsageError
 from apflab.lab.l1 import LabConfig
+from apflab.regress import compare
 from apflab.run import dispatch
 from apflab.run.judge import judge
-from apflab.run.records import VCPUS_FILE, RunRecord, read_vcpus, vcpu_of_pid
+from apflab.run.records import VCPUS_FILE, RunRecord, read_vcpus, vcpu_of_pid, write_json
 from apflab.run.scenario import Option, Scenario
 
 
@@ -83,7 +84,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"recorded: {doc['recorded']} (not judged here)")
         return EXIT_OK
     print_summary(doc, results)
-    return verdict_exit(doc.get("verdict"))
+    code = verdict_exit(doc.get("verdict"))
+    if args.baseline:
+        run_dir = results / str(doc["run_id"])
+        cmp = compare.compare_dirs([run_dir], args.baseline, run_dir, compare.Rules())
+        doc["comparison"] = {k: cmp[k] for k in ("verdict", "reason", "report", "changes")}
+        write_json(run_dir / "verdict.json", doc)
+        print(f"against the baseline: {cmp['verdict']} — {cmp['reason']} ({cmp['report']})")
+        if cmp["verdict"] == compare.FAIL:
+            code = EXIT_FAIL
+    return code
 
 
 def print_summary(doc: dict[str, Any], results_root: Path) -> None:
@@ -163,6 +173,15 @@ def register(sub: Any) -> None:
         action="store_true",
         help="run here, write run.json and the trace, do not judge (the lab's inner run: "
         "the outer host judges)",
+    )
+    r.add_argument(
+        "--baseline",
+        nargs="+",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="runs of a reference kernel on this host (run dirs, or dirs of them): the "
+        "run is also compared with them (apflab compare)",
     )
     lab = r.add_argument_group("lab (used only when this host needs the nested lab)")
     lab.add_argument("--lab-memory", type=positive_int, default=3072, metavar="MB")

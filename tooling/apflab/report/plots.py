@@ -207,3 +207,28 @@ def guest_and_host_png(timeline: Timeline, guest: GuestView) -> bytes:
         f"seconds since the workload started ({where}; host bin {timeline.bin_us} µs)"
     )
     return _png(fig)
+
+
+def overlay_png(metric: str, candidate: Histogram, baseline: Histogram) -> bytes:
+    """The CDFs of one metric, candidate runs against baseline runs (samples pooled)."""
+    fig = _new_figure(6.5, 3.2)
+    ax = fig.subplots()
+    for label, hist, colour in (
+        ("baseline", baseline, "tab:gray"),
+        ("candidate", candidate, "tab:blue"),
+    ):
+        seen, xs, ys = 0, [], []
+        for b in hist.buckets():
+            seen += b.samples
+            xs.append(max(b.high, 1))
+            ys.append(seen / hist.count)
+        if xs:
+            ax.step(xs, ys, where="post", color=colour, label=f"{label} ({hist.count} samples)")
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(metric, fontsize=10)
+    ax.set_xlabel("latency (µs, log)")
+    ax.set_ylabel("fraction ≤ x")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return _png(fig)

@@ -96,7 +96,8 @@ def run_kvm_job(out: Path, notes: list[str]) -> list[dict[str, Any]]:
         up, lab = session.bring_up(LabConfig(), job_dir / "L1")
         print(f"== job kvm, lab {up.run_id} up in {lab.timings['l1_boot']:.1f}s", flush=True)
         try:
-            subprocess.run(_avocado(job_dir, [VERDICTS], ["-m", CONTROLS]), cwd=_repo())
+            argv = _avocado(job_dir, [VERDICTS], ["-m", CONTROLS])
+            subprocess.run(argv, cwd=_repo(), check=False)
             alive = pid_alive(up.pid, up.start_time)
         finally:
             session.tear_down()

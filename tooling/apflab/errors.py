@@ -80,6 +80,18 @@ class GuestPanic(VMError):
         self.line = line
 
 
+class GuestBootFailed(VMError):
+    """A boot that cannot succeed, said on the console (systemd froze, the unit that
+    installs the run's SSH key failed): no point waiting for SSH, nor retrying the
+    same kernel."""
+
+    def __init__(self, message: str, layer: str, line: str, why: str) -> None:
+        super().__init__(message)
+        self.layer = layer
+        self.line = line
+        self.why = why
+
+
 class SSHError(ApflabError):
     """An SSH connection or transfer failed."""
 

@@ -39,13 +39,18 @@ CLASSIFICATION_HEURISTIC = "heuristic"
 
 @dataclass(frozen=True)
 class Invariant:
-    """One checked property: did it hold, and the numbers behind the answer."""
+    """One checked property: did it hold, and the numbers behind the answer.
+
+    :ivar evaluated: False when the evidence to check it was missing (``ok`` is then
+        False too, but nothing was seen to break it: the run is INVALID, not FAIL)
+    """
 
     ok: bool
     detail: str
+    evaluated: bool = True
 
     def to_dict(self) -> dict[str, object]:
-        return {"ok": self.ok, "detail": self.detail}
+        return {"ok": self.ok, "detail": self.detail, "evaluated": self.evaluated}
 
 
 @dataclass(frozen=True)

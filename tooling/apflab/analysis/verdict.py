@@ -148,7 +148,9 @@ def _evidence_invariants(
     delta = ev.hyp_delta
     if delta is None:
         out[HYP_INVARIANT] = Invariant(
-            False, f"not evaluated: guest HYP count unknown ({acks} ACK writes in the trace)"
+            False,
+            f"not evaluated: guest HYP count unknown ({acks} ACK writes in the trace)",
+            evaluated=False,
         )
         missing.append("the guest HYP interrupt count is unknown")
     else:

@@ -22,7 +22,14 @@ from pathlib import Path
 
 from apflab import paths
 from apflab.analysis.guest import WORKLOAD_START
-from apflab.errors import ApflabError, PreflightError, UsageError, VMError
+from apflab.errors import (
+    ApflabError,
+    GuestBootFailed,
+    GuestPanic,
+    PreflightError,
+    UsageError,
+    VMError,
+)
 from apflab.host import kvm, tracefs
 from apflab.images.build import ensure
 from apflab.run import guest_kernel
@@ -97,6 +104,7 @@ def execute(scenario: Scenario, results: Path, run_id: str, emit: Emit) -> RunRe
         cpus=scenario.guest_cpus_here(),
         accel=scenario.accel,
         thp=spec.thp_for(cginfo.version),
+        kernel_under_test=scenario.kernel is not None or scenario.kernel_spec() is not None,
     )
     try:
         with UndoStack(run_id) as undo:
@@ -104,6 +112,14 @@ def execute(scenario: Scenario, results: Path, run_id: str, emit: Emit) -> RunRe
             _Experiment(scenario, cfg, pressure, undo, rec, emit).run(phases)
     except (UsageError, PreflightError):
         raise
+    except (GuestBootFailed, GuestPanic) as err:
+        if not cfg.kernel_under_test:  # the image's own kernel: the lab or image is at fault
+            log.error("run %s: %s", run_id, err)
+            rec.errors.append(str(err))
+        else:
+            log.error("run %s: the kernel under test did not boot: %s", run_id, err)
+            rec.guest.boot_failure = str(err).splitlines()[0]
+            rec.guest.boot_panic = isinstance(err, GuestPanic)
     except ApflabError as err:
         log.error("run %s: %s", run_id, err)
         rec.errors.append(str(err))

@@ -81,6 +81,16 @@ def judge(rec: RunRecord, extra: dict[str, Any] | None = None) -> dict[str, Any]
             reason="pressure-only run under TCG: without KVM there are no async page faults "
             "to judge",
         )
+    if rec.guest.boot_failure:
+        # the kernel under test itself did not boot the image: no trace, no run
+        word = verdict.FAIL if rec.guest.boot_panic else verdict.INVALID
+        what = "panicked while booting" if rec.guest.boot_panic else "did not boot to a login"
+        result = dataclasses.replace(
+            result,
+            verdict=word,
+            reason=f"the kernel under test {what}: {rec.guest.boot_failure}",
+            findings=(f"the kernel under test {what}: {rec.guest.boot_failure}",),
+        )
     kernel = dataclasses.asdict(rec.kernel) if rec.kernel else None
     doc = verdict.verdict_document(
         result, analysis, ev, thresholds, kernel=kernel, host=dataclasses.asdict(rec.host)

@@ -76,6 +76,10 @@ class GuestFacts:
 
     accel: str = ""
     boot_seconds: float | None = None
+    #: the kernel under test did not boot the image: its console line ("" if it did)
+    boot_failure: str = ""
+    #: ...and that line was a panic (the kernel's own fault)
+    boot_panic: bool = False
     threads_in_cgroup: int = 0
     qemu_thp_enabled: bool | None = None
     async_pf: ApfFacts | None = None

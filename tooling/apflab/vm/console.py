@@ -10,7 +10,7 @@ import re
 import time
 from pathlib import Path
 
-from apflab.errors import GuestPanic
+from apflab.errors import GuestBootFailed, GuestPanic
 
 # Console lines that end a boot at once: the kernel will not recover from these.
 PANIC_PATTERNS = (
@@ -18,6 +18,20 @@ PANIC_PATTERNS = (
     re.compile(r"BUG: .*"),
     re.compile(r"general protection fault.*"),
 )
+# Lines after which no login can ever succeed (systemd's status lines, colours removed)
+BOOT_FATAL = (
+    (re.compile(r"Freezing execution\.?"), "systemd cannot run on this kernel and froze"),
+    (
+        re.compile(r"Failed to start (?:\S+ )?(apflab-ssh-keys|ssh)\.service.*"),
+        "a unit SSH login needs failed: no login can succeed",
+    ),
+    (
+        # guest_images/common/overlay/usr/local/sbin/apflab-ssh-keys
+        re.compile(r"apflab: no run key in fw_cfg.*"),
+        "the run's SSH key did not reach the guest (no qemu_fw_cfg?): no login can succeed",
+    ),
+)
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 class ConsoleWatch:
@@ -50,16 +64,26 @@ class ConsoleWatch:
                 self.last_line = line.strip()
                 break
         for line in lines:
-            for pat in PANIC_PATTERNS:
-                m = pat.search(line)
-                if m:
-                    raise GuestPanic(
-                        f"{self.layer}: kernel reported a fatal error on its console: "
-                        f"{m.group(0).strip()} (see {self.path})",
-                        self.layer,
-                        m.group(0).strip(),
-                    )
+            self._check(_ANSI.sub("", line))
         return lines
+
+    def _check(self, line: str) -> None:
+        for pat in PANIC_PATTERNS:
+            if m := pat.search(line):
+                raise GuestPanic(
+                    f"{self.layer}: kernel reported a fatal error on its console: "
+                    f"{m.group(0).strip()} (see {self.path})",
+                    self.layer,
+                    m.group(0).strip(),
+                )
+        for pat, why in BOOT_FATAL:
+            if m := pat.search(line):
+                raise GuestBootFailed(
+                    f"{self.layer}: {why}: {m.group(0).strip()!r} on its console (see {self.path})",
+                    self.layer,
+                    m.group(0).strip(),
+                    why,
+                )
 
 
 def console_faults(path: Path) -> list[str]:

@@ -108,6 +108,9 @@ class GuestConfig:
     #: retry a stuck or panicked boot (the ``guest-boot`` policy of
     #: :mod:`apflab.retry`); False for L1, which the ``lab`` policy retries whole
     retry_boot: bool = True
+    #: the kernel is the one under test: a panic while it boots is its own fault
+    #: and is not retried (a stuck, silent boot still is)
+    kernel_under_test: bool = False
     shutdown_timeout: float = 30.0
     shutdown_method: str = "quit"  # or "powerdown" (ACPI) — both fall back to SIGKILL
     qemu_binary: str = "qemu-system-x86_64"
@@ -181,9 +184,10 @@ class Guest:
         self.client_key_path: Path | None = None
         self.launched_at = 0.0
         self.boot_seconds: float | None = None
-        self.boot_retries = Retrier(
-            POLICIES["guest-boot"], (BootTimeout, GuestPanic) if config.retry_boot else ()
-        )
+        retry_on: tuple[type[BaseException], ...] = ()
+        if config.retry_boot:
+            retry_on = (BootTimeout,) if config.kernel_under_test else (BootTimeout, GuestPanic)
+        self.boot_retries = Retrier(POLICIES["guest-boot"], retry_on)
         self.exitcode: int | None = None
 
     # -- public surface ----------------------------------------------------

@@ -22,6 +22,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from apflab.errors import CommandError
+
 
 def cache_dir() -> Path:
     env = os.environ.get("APFLAB_CACHE")
@@ -50,6 +52,20 @@ def repo_root() -> Path | None:
         if (parent / "guest_images").is_dir() and (parent / "setup.cfg").is_file():
             return parent
     return None
+
+
+def repo_commit() -> str | None:
+    """The commit of the checkout apflab runs from (None: not a git checkout)."""
+    repo = repo_root()
+    if repo is None or not (repo / ".git").exists():
+        return None
+    from apflab.process import run  # noqa: PLC0415  (process imports nothing of paths)
+
+    try:
+        out = run(["git", "-C", str(repo), "rev-parse", "HEAD"], check=False, timeout=10)
+    except CommandError:
+        return None
+    return out.stdout.strip() or None
 
 
 def in_lab() -> bool:

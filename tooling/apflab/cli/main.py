@@ -6,10 +6,11 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from types import FrameType
 
-from apflab import __version__
+from apflab import __version__, paths
 from apflab.cli import host, kernel, lab, regress, run, suite
 from apflab.cli.args import Parser
 from apflab.cli.exitcodes import EXIT_ERROR, EXIT_USAGE
@@ -72,6 +73,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.debug("error", exc_info=True)
         print(f"apflab: ERROR: {err}", file=sys.stderr)
         return EXIT_ERROR
+    except Exception as err:  # a bug of ours: one line here, the traceback in a file
+        where = _crash_log(err)
+        what = f"unexpected {type(err).__name__}: {err}"
+        print(f"apflab: ERROR ({what}); see {where}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _crash_log(err: BaseException) -> str:
+    """Write the traceback of an unexpected exception to a file; return its path."""
+    text = "".join(traceback.format_exception(err))
+    try:
+        root = paths.runtime_root() / "crashes"
+        root.mkdir(parents=True, exist_ok=True)
+        path = root / f"{paths.new_run_id('crash')}.log"
+        path.write_text(text)
+        return str(path)
+    except OSError:
+        sys.stderr.write(text)
+        return "the traceback above"
 
 
 if __name__ == "__main__":

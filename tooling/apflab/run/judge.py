@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from typing import Any
 
+from apflab import __version__, paths
 from apflab.analysis import verdict
 from apflab.analysis.analyzer import analyze_trace
 from apflab.analysis.guest import WORKLOAD_START, guest_view
@@ -96,6 +98,12 @@ def judge(rec: RunRecord, extra: dict[str, Any] | None = None) -> dict[str, Any]
         result, analysis, ev, thresholds, kernel=kernel, host=dataclasses.asdict(rec.host)
     )
     doc["run_id"] = rec.run_id
+    doc["apflab"] = {
+        "version": __version__,
+        "commit": paths.repo_commit(),
+        "machine": os.uname().nodename,  # where it was judged: this host, not L1
+        "started_at": rec.started_at,
+    }
     doc["scenario"] = rec.scenario.to_dict()
     doc["pressure"] = rec.pressure.to_dict()
     doc["workload"] = _workload_part(rec)

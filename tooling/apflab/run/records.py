@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,10 +147,13 @@ class RunRecord:
     errors: list[str] = field(default_factory=list)
     phases: dict[str, float] = field(default_factory=dict)
     retries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: when the experiment started (UTC, ISO 8601)
+    started_at: str = field(default_factory=lambda: time.strftime(ISO_UTC, time.gmtime()))
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "run_id": self.run_id,
+            "started_at": self.started_at,
             "scenario": self.scenario.to_dict(),
             "kernel": asdict(self.kernel) if self.kernel else None,
             "host": asdict(self.host),
@@ -190,6 +194,7 @@ class RunRecord:
             errors=list(d["errors"]),
             phases=dict(d["phases_s"]),
             retries=dict(d["retries"]),
+            started_at=d["started_at"],
         )
 
 
@@ -202,6 +207,7 @@ def write_json(path: Path, doc: Any) -> Path:
 
 
 RUN_FILE = "run.json"
+ISO_UTC = "%Y-%m-%dT%H:%M:%SZ"
 
 
 # -- vcpus.json: {cpu-index: thread id}, beside the trace -------------------------

@@ -1,10 +1,10 @@
 """``apflab calibrate``: the runs behind docs/calibration.md, repeated and tabulated.
 
 Each *cell* is a kernel (and its boot parameters); each runs ``samples`` times
-through one lab that stays up (``apflab lab up``; brought up again after an L1
-failure).  The defaults are the kernels issue's detection curve: the unpatched
-build, and the ack-faults build with the ACK written late by D µs
-(``apflab_ack=delay:D``), plus the other ways to break the ACK.  Every run keeps
+through one lab that stays up (:class:`apflab.run.batch.Batch`).  The defaults
+are the kernels issue's detection curve: the unpatched build, and the ack-faults
+build with the ACK written late by D µs (``apflab_ack=delay:D``), plus the other
+ways to break the ACK.  Every run keeps
 its results dir; ``summary.json`` and ``summary.md`` hold the verdicts and the
 percentiles of each metric, run by run.
 """
@@ -19,10 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from apflab import paths
-from apflab.errors import ApflabError
-from apflab.lab import session
-from apflab.lab.l1 import LabConfig
-from apflab.run import dispatch
+from apflab.run.batch import Batch
 from apflab.run.scenario import Scenario
 
 Emit = Callable[[str], None]
@@ -79,32 +76,16 @@ def calibrate(
     root = results.resolve() / paths.new_run_id("calibrate")
     root.mkdir(parents=True)
     rows: list[dict[str, Any]] = []
-    owned = session.attach() is None
-    if owned:
-        session.bring_up(LabConfig())
-    try:
+    with Batch(emit) as batch:
         for sample in range(1, samples + 1):
             for cell in cells:
                 emit(f"== calibrate: {cell.name} sample {sample}/{samples}")
                 t0 = time.monotonic()
-                doc = _one(cell.scenario(base or Scenario()), root, emit)
+                doc = batch.run(cell.scenario(base or Scenario()), root)
                 rows.append(_row(cell, sample, doc, time.monotonic() - t0))
                 emit(f"== {cell.name} #{sample}: {doc.get('verdict')}: {doc.get('reason')}")
                 _write(root, rows)
-    finally:
-        if owned:
-            session.tear_down()
     return root
-
-
-def _one(scenario: Scenario, root: Path, emit: Emit) -> dict[str, Any]:
-    try:
-        return dispatch.run(scenario, root, emit)
-    except ApflabError as err:  # the lab that was up failed: a fresh one for the rest
-        emit(f"== the lab failed ({str(err).splitlines()[0]}); bringing up a fresh one")
-        session.tear_down()
-        session.bring_up(LabConfig())
-        return {"verdict": "ERROR", "reason": f"lab: {str(err).splitlines()[0]}"}
 
 
 def _write(root: Path, rows: list[dict[str, Any]]) -> None:

@@ -1,0 +1,108 @@
+"""What changed: new FAILs, and latency regressions over a kernel's history.
+
+Two kinds of finding, in this order (the first matter most):
+
+* **PASS → FAIL** — a kernel whose runs passed on earlier nights and fails on a
+  later one: the first such night and its failing runs;
+* **latency regression** — for each kernel and metric, the per-night medians of its
+  runs' statistic, split by E-divisive means (the Hunter/Otava change-point method,
+  ``otava.analysis.compute_change_points``): a change point where the level goes
+  *up* by more than :attr:`Rules.min_magnitude` is a regression, named by the first
+  night of the new level and the runs that show it.  A slow drift shows as a
+  series of such points; noise, as none.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from otava.analysis import compute_change_points
+
+#: the metrics watched over history (verdict.json latency_us keys)
+WATCHED = ("ready_to_ack", "queued_completed_to_ready", "not_present_to_ready")
+
+
+@dataclass(frozen=True)
+class Rules:
+    """:ivar max_pvalue: significance of a change point
+    :ivar min_magnitude: a relative rise smaller than this is not reported"""
+
+    max_pvalue: float = 0.01
+    min_magnitude: float = 0.10
+    window: int = 50
+
+
+@dataclass(frozen=True)
+class Finding:
+    kind: str  # "new FAIL" | "latency regression"
+    kernel: str
+    metric: str | None
+    first_night: str
+    runs: list[str]
+    detail: str
+
+
+def _by_night(rows: Iterable[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    out: dict[str, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        out.setdefault(str(r["night"]), []).append(r)
+    return dict(sorted(out.items()))
+
+
+def new_fails(kernel: str, rows: Sequence[Mapping[str, Any]]) -> list[Finding]:
+    """The first night a kernel that had passed fails (a night fails if any run does)."""
+    passed_before = False
+    for night, runs in _by_night(rows).items():
+        fails = [r for r in runs if r["verdict"] == "FAIL"]
+        if fails and passed_before:
+            detail = f"{len(fails)} of {len(runs)} runs FAIL: {fails[0]['reason']}"
+            return [
+                Finding("new FAIL", kernel, None, night, [str(r["run_id"]) for r in fails], detail)
+            ]
+        passed_before = passed_before or all(r["verdict"] == "PASS" for r in runs)
+    return []
+
+
+def regressions(kernel: str, rows: Sequence[Mapping[str, Any]], rules: Rules) -> list[Finding]:
+    """Change points upward in each watched metric's per-night median."""
+    nights = _by_night(rows)
+    out: list[Finding] = []
+    for metric in WATCHED:
+        series: list[tuple[str, float, list[str]]] = []
+        for night, runs in nights.items():
+            values = [r["metrics"][metric] for r in runs if metric in r["metrics"]]
+            if values:
+                series.append((night, statistics.median(values), [str(r["run_id"]) for r in runs]))
+        if len(series) < 3:
+            continue
+        points, _ = compute_change_points(
+            [v for _, v, _ in series], window_len=rules.window, max_pvalue=rules.max_pvalue
+        )
+        for cp in points:
+            i = int(cp.index)
+            before = statistics.median(v for _, v, _ in series[:i])
+            after = statistics.median(v for _, v, _ in series[i:])
+            rise = after / before - 1 if before > 0 else 0.0
+            if rise > rules.min_magnitude:
+                night, _, run_ids = series[i]
+                detail = (
+                    f"{metric} per-night median {before:.0f} -> {after:.0f} us (+{rise:.0%}) "
+                    f"from night {night}"
+                )
+                out.append(Finding("latency regression", kernel, metric, night, run_ids, detail))
+    return out
+
+
+def detect(history: Sequence[Mapping[str, Any]], rules: Rules | None = None) -> list[Finding]:
+    """Every finding of every kernel in the history: new FAILs first, then regressions."""
+    rules = rules or Rules()
+    by_kernel: dict[str, list[Mapping[str, Any]]] = {}
+    for r in history:
+        if r.get("night") is not None:
+            by_kernel.setdefault(str(r["kernel"]), []).append(r)
+    fails = [f for k, rows in sorted(by_kernel.items()) for f in new_fails(k, rows)]
+    slow = [f for k, rows in sorted(by_kernel.items()) for f in regressions(k, rows, rules)]
+    return fails + slow

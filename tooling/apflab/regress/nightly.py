@@ -1,0 +1,148 @@
+"""``apflab nightly``: kernels x scenarios x samples, stored, compared, reported.
+
+The matrix is an Avocado yaml_to_mux variants file: each variant is a *cell*,
+its params are the scenario options (the apf test's params: ``patch``,
+``kernel_source``, ``cmdline``, ``limit``, ...), so the same file drives
+``avocado run -m FILE tests/functional/test_apf.py``.  Every cell runs
+``samples`` times (interleaved: cell after cell, then again) through one lab
+(:class:`apflab.run.batch.Batch`); every run goes into the results store with the
+night's name; then tonight is compared with the baseline cell (apflab compare)
+and the whole history searched for changes (:mod:`apflab.regress.changes`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from apflab import paths
+from apflab.errors import UsageError
+from apflab.regress import changes, compare
+from apflab.regress.store import Store
+from apflab.run.batch import Batch
+from apflab.run.scenario import Scenario
+
+Emit = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One variant of the matrix: its name (the variant's path) and scenario."""
+
+    name: str
+    scenario: Scenario
+
+
+def cells_of(matrix: Path) -> list[Cell]:
+    """The matrix's variants.
+
+    :raises UsageError: the file is not a variants file, or a param is not a
+        scenario option's valid value (one line)
+    """
+    from avocado_varianter_yaml_to_mux import mux  # noqa: PLC0415  (Avocado: only here)
+    from avocado_varianter_yaml_to_mux import varianter_yaml_to_mux as loader  # noqa: PLC0415
+
+    try:
+        tree = loader.create_from_yaml([str(matrix)])
+        variants = list(mux.MuxTree(tree))
+    except Exception as err:  # yaml_to_mux raises several unrelated types
+        line = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UsageError(f"matrix {matrix}: not a yaml_to_mux variants file ({line})") from None
+    known = {o.name for o in Scenario.options()}
+    cells = []
+    for variant in variants:
+        params: dict[str, Any] = {}
+        for node in variant:
+            params.update(node.environment)
+        name = "-".join(node.path.rsplit("/", 1)[-1] for node in variant) or "default"
+        values = {k: v for k, v in params.items() if k in known}
+        try:
+            cells.append(Cell(name, Scenario.from_values(values)))
+        except UsageError as err:
+            raise UsageError(f"matrix {matrix}, variant {name}: {err}") from None
+    if not cells:
+        raise UsageError(f"matrix {matrix}: no variant in it")
+    return cells
+
+
+@dataclass(frozen=True)
+class Night:
+    name: str
+    root: Path
+    runs: list[dict[str, Any]]
+    comparisons: dict[str, dict[str, Any]]
+    findings: list[changes.Finding]
+
+    @property
+    def failed(self) -> bool:
+        """A new FAIL or a regression tonight: the command exits non-zero."""
+        return any(f.first_night == self.name for f in self.findings) or any(
+            c["verdict"] == compare.FAIL for c in self.comparisons.values()
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "night": self.name,
+            "root": str(self.root),
+            "runs": self.runs,
+            "comparisons": self.comparisons,
+            "findings": [asdict(f) for f in self.findings],
+            "failed": self.failed,
+        }
+
+
+def run_night(
+    matrix: Path,
+    samples: int,
+    store_url: str,
+    results: Path,
+    emit: Emit,
+    night: str | None = None,
+    baseline: str | None = None,
+) -> Night:
+    cells = cells_of(matrix)
+    name = night or time.strftime("%Y-%m-%d", time.gmtime())
+    root = results.resolve() / paths.new_run_id(f"night-{name}")
+    root.mkdir(parents=True)
+    store = Store.open(store_url)
+    runs: list[dict[str, Any]] = []
+    try:
+        with Batch(emit) as batch:
+            for sample in range(1, samples + 1):
+                for cell in cells:
+                    emit(f"== night {name}: {cell.name} sample {sample}/{samples}")
+                    doc = batch.run(cell.scenario, root / cell.name)
+                    runs.append({"cell": cell.name, "sample": sample, **_brief(doc)})
+                    if "events" in doc:  # a real verdict (not a lab failure)
+                        store.add(doc, root / cell.name / str(doc["run_id"]), name, cell.name)
+        base = baseline or cells[0].name
+        comparisons = _compare_tonight(root, cells, base)
+        findings = changes.detect(store.history())
+    finally:
+        store.close()
+    result = Night(name, root, runs, comparisons, findings)
+    (root / "night.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+    return result
+
+
+def _brief(doc: dict[str, Any]) -> dict[str, Any]:
+    return {k: doc.get(k) for k in ("run_id", "verdict", "reason")}
+
+
+def _compare_tonight(root: Path, cells: list[Cell], base: str) -> dict[str, dict[str, Any]]:
+    names = [c.name for c in cells]
+    if base not in names:
+        raise UsageError(f"baseline cell {base!r} is not in the matrix ({', '.join(names)})")
+    out = {}
+    for cell in cells:
+        if cell.name == base:
+            continue
+        doc = compare.compare_dirs(
+            [root / cell.name], [root / base], root / "compare" / cell.name, compare.Rules()
+        )
+        out[cell.name] = {k: doc[k] for k in ("verdict", "reason", "report")}
+    return out

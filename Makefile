@@ -9,7 +9,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 APFLAB := $(VENV)/bin/apflab
 RESULTS ?= $(CURDIR)/results
-STAMP := $(VENV)/.deps-$(shell cat requirements.lock requirements-dev.lock setup.cfg | sha256sum | cut -c1-16)
+STAMP := $(VENV)/.deps-$(shell cat requirements.lock requirements-dev.lock requirements-nodeps.txt setup.cfg | sha256sum | cut -c1-16)
 
 .PHONY: all deps lock images lint unit functional check run bench calibrate cleanup doctor clean help
 all: help
@@ -19,7 +19,7 @@ help:
 	@echo "make deps | images | lint | unit | functional | bench | cleanup | doctor | lock | clean"
 
 deps: $(STAMP)
-$(STAMP): requirements.lock requirements-dev.lock setup.cfg
+$(STAMP): requirements.lock requirements-dev.lock requirements-nodeps.txt setup.cfg
 	@missing=()
 	command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
 	command -v qemu-img >/dev/null || missing+=(qemu-utils)
@@ -47,6 +47,7 @@ $(STAMP): requirements.lock requirements-dev.lock setup.cfg
 	echo "deps: Python venv $(VENV) from requirements.lock + requirements-dev.lock"
 	[ -x $(VPY) ] || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --disable-pip-version-check -r requirements.lock -r requirements-dev.lock
+	$(VPY) -m pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
 	$(VPY) -m pip install -q --disable-pip-version-check --no-deps -e .
 	rm -f $(VENV)/.deps-*
 	touch $@

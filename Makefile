@@ -36,8 +36,9 @@ $(STAMP): requirements.lock requirements-dev.lock requirements-nodeps.txt setup.
 	command -v patch >/dev/null || missing+=(patch)
 	command -v ccache >/dev/null || missing+=(ccache)
 	[ -e /usr/include/libelf.h ] || missing+=(libelf-dev)
-	# the report's browser test (Debian's headless Chromium)
+	# the report's browser test (Debian's headless Chromium); the store's PostgreSQL test
 	command -v chromium >/dev/null || missing+=(chromium)
+	[ -x /usr/lib/postgresql/15/bin/postgres ] || missing+=(postgresql-15)
 	$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 	if [ $${#missing[@]} -gt 0 ]; then
 	  echo "deps: apt-get install $${missing[*]}"

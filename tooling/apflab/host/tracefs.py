@@ -111,6 +111,8 @@ class CaptureStats:
 
     bytes_written: int = 0
     per_cpu: dict[int, dict[str, int]] = field(default_factory=dict)
+    #: the raw ``per_cpu/cpuN/stats`` texts (kept with the run as evidence)
+    raw: dict[int, str] = field(default_factory=dict)
 
     @property
     def overrun(self) -> int:
@@ -257,7 +259,9 @@ class TraceSession:
             raise HostError(f"trace reader failed: {self._error}") from self._error
         stats = CaptureStats(self._bytes)
         for cpu_dir in sorted((self.instance / "per_cpu").glob("cpu*")):
-            stats.per_cpu[int(cpu_dir.name[3:])] = parse_cpu_stats((cpu_dir / "stats").read_text())
+            cpu = int(cpu_dir.name[3:])
+            stats.raw[cpu] = (cpu_dir / "stats").read_text()
+            stats.per_cpu[cpu] = parse_cpu_stats(stats.raw[cpu])
         log.info(
             "trace: %d bytes, overrun %d, dropped %d",
             stats.bytes_written,

@@ -270,6 +270,8 @@ class _Experiment:
         rec.trace.overrun = stats.overrun
         rec.trace.dropped = stats.dropped
         rec.trace.per_cpu = {str(k): v for k, v in stats.per_cpu.items()}
+        for cpu, text in stats.raw.items():
+            (rec.results / "host" / f"tracefs-cpu{cpu}-stats").write_text(text)
         dest = rec.results / "trace.txt.xz"
         compress(self.trace_txt, dest)
         rec.trace.path = dest

@@ -1,0 +1,69 @@
+"""The results store on a real PostgreSQL server, started and stopped by the test.
+
+The same recorded runs (tests/unit/fixtures/verdicts/, real lab runs) go into a
+SQLite file and into PostgreSQL 15 (its own cluster in a temp dir, Unix socket
+only, as the postgres user): both give the same history, a second import stores
+nothing twice, and the schema is at the newest version.
+"""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from avocado import Test
+
+from apflab.regress.store import MIGRATIONS, Store
+
+FIXTURES = Path(__file__).resolve().parents[1] / "unit" / "fixtures" / "verdicts"
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+PORT = "54329"
+
+
+class PostgresStore(Test):
+    """
+    :avocado: tags=store
+    """
+
+    timeout = 300
+
+    def setUp(self) -> None:
+        if not (PG_BIN / "postgres").is_file():
+            self.fail(f"PostgreSQL 15 is not installed ({PG_BIN}): make deps installs it")
+        self.base = Path(self.workdir) / "pg"
+        self.data = self.base / "data"
+        self.base.mkdir()
+        shutil.chown(self.base, "postgres", "postgres")
+        self.pg("initdb", "-D", str(self.data), "-A", "trust", "-U", "apflab")
+        options = f"-k {self.base} -c listen_addresses= -p {PORT}"
+        self.pg("pg_ctl", "-D", str(self.data), "-o", options, "-w", "start")
+        self.pg("createdb", "-h", str(self.base), "-p", PORT, "-U", "apflab", "apflab")
+
+    def pg(self, tool: str, *args: str) -> None:
+        subprocess.run(
+            ["runuser", "-u", "postgres", "--", str(PG_BIN / tool), *args],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+
+    def tearDown(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            self.pg("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def test_same_history_as_sqlite(self) -> None:
+        dirs = sorted(d for d in FIXTURES.iterdir() if (d / "verdict.json").is_file())
+        self.assertGreaterEqual(len(dirs), 4, "recorded runs missing")
+        url = f"postgresql+psycopg://apflab@/apflab?host={self.base}&port={PORT}"
+        histories = []
+        for where in (str(Path(self.workdir) / "apflab.db"), url):
+            store = Store.open(where)
+            try:
+                self.assertEqual(store.version, len(MIGRATIONS))
+                self.assertEqual(store.import_dirs(dirs, "night-1"), (len(dirs), 0))
+                self.assertEqual(store.import_dirs(dirs, "night-1"), (0, len(dirs)))
+                rows = store.history(metric="ready_to_ack")
+                histories.append([(r["run_id"], r["verdict"], r["metrics"]) for r in rows])
+            finally:
+                store.close()
+        self.assertEqual(histories[0], histories[1])
+        self.whiteboard = f"{len(dirs)} runs in SQLite and PostgreSQL 15"

@@ -4,16 +4,19 @@ Runs on any host: under KVM where /dev/kvm runs stock guests (bare metal, or
 inside the nested lab), under TCG elsewhere.
 """
 
+import subprocess
 from pathlib import Path
 
 from avocado import Test
 
 from apflab import paths
-from apflab.errors import VMLaunchError
+from apflab.errors import SSHError, VMLaunchError
 from apflab.host import leftovers
 from apflab.images.build import ensure
 from apflab.undo import UndoStack
+from apflab.vm import keys
 from apflab.vm.qemu import BootSpec, Guest, GuestConfig
+from apflab.vm.ssh import SSH
 
 
 class Boot(Test):
@@ -70,6 +73,42 @@ class Boot(Test):
         self.assertFalse(qmp_socket.exists(), "QMP socket left behind")
         self.assertFalse(run_dir.exists(), "run dir left behind")
         self.assertEqual(leftovers.find(undo.run_id), [])
+
+    def test_security(self) -> None:
+        """A changed host key is refused; run and QMP dirs are 0700; the SSH forward
+        listens on 127.0.0.1 only; no private key reaches the logs."""
+        cfg = self.config()
+        undo = UndoStack(f"sec-{self.name.uid}")
+        logs = Path(self.logdir) / "guest"
+        with undo, Guest(cfg, logs, undo) as vm:
+            assert vm.run_dir is not None and vm.client_key_path is not None
+            for d in (vm.run_dir, paths.runtime_root()):
+                self.assertEqual(d.stat().st_mode & 0o777, 0o700, f"{d} is not 0700")
+            self.assertEqual(vm.client_key_path.stat().st_mode & 0o777, 0o600)
+            ss = subprocess.run(
+                ["ss", "-Hltn", f"sport = :{vm.ssh_port}"],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            # State Recv-Q Send-Q Local-Address:Port Peer-Address:Port
+            local = [line.split()[3] for line in ss.stdout.splitlines() if line.strip()]
+            self.assertEqual(local, [f"127.0.0.1:{vm.ssh_port}"], "the forward is not on loopback")
+            other = keys.generate_client_key(Path(self.workdir), "not-the-guest")
+            wrong = SSH(
+                "127.0.0.1",
+                vm.ssh_port,
+                "root",
+                keys.ClientKey(vm.client_key_path, "").load(),
+                keys.parse_public_key(other.public_line),
+                "guest",
+            )
+            with self.assertRaises(SSHError) as refused:
+                wrong.connect(timeout=30)
+            self.assertIn("host key mismatch", str(refused.exception))
+        for f in logs.rglob("*"):
+            if f.is_file():
+                self.assertNotIn(b"PRIVATE KEY", f.read_bytes(), f"key material in {f}")
 
     def test_launch_failure_is_reported(self) -> None:
         """A kernel QEMU cannot load fails the launch with argv, exit code and log tail."""

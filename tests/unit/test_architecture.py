@@ -119,3 +119,15 @@ def test_functions_are_short_and_need_no_complexity_waiver() -> None:
                 waivers.append(f"{path.relative_to(PKG)}:{i}")
     assert not long, "functions over 80 lines:\n" + "\n".join(long)
     assert not waivers, "complexity waivers: " + ", ".join(waivers)
+
+
+def test_no_shell_strings() -> None:
+    """Every command is an argv list: no shell, anywhere (ruff's S602/S605 say the same)."""
+    shells = re.compile(r"shell\s*=\s*True|os\.system\(|os\.popen\(|subprocess\.getoutput\(")
+    found = [
+        f"{path.relative_to(PKG)}:{i}"
+        for path in sorted(PKG.rglob("*.py"))
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if shells.search(line) and not line.lstrip().startswith("#")
+    ]
+    assert not found, f"shell strings: {found}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from apflab import undo
 from apflab.cli.args import existing_file, positive_int
 from apflab.cli.exitcodes import EXIT_FAIL, EXIT_OK
 from apflab.host import leftovers
-from apflab.host.doctor import host_facts
+from apflab.host.doctor import host_facts, problems
 from apflab.images.build import ensure
 from apflab.images.recipe import cached, input_hash, load_recipe
 from apflab.run.boot import BootRequest, boot, hold_until_interrupted
@@ -22,9 +23,10 @@ from apflab.vm.qemu import Guest
 # -- doctor ------------------------------------------------------------------
 def cmd_doctor(args: argparse.Namespace) -> int:
     facts = host_facts()
+    found = problems(facts)
     if args.json:
-        print(json.dumps(facts, indent=1))
-        return EXIT_OK
+        print(json.dumps({**facts, "problems": [asdict(p) for p in found]}, indent=1))
+        return EXIT_FAIL if found else EXIT_OK
     kvm = facts["kvm"]
     print(f"apflab {facts['apflab']} on Linux {facts['kernel']} (root: {facts['root']})")
     print(f"kvm:      {kvm['flavour']}: {kvm['reason']}")
@@ -36,7 +38,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     missing = [t for t, ok in facts["tools"].items() if not ok]
     tools = "all present" if not missing else f"missing {', '.join(missing)} (make deps)"
     print(f"tools:    {tools}")
-    return EXIT_OK
+    for p in found:
+        print(f"PROBLEM:  {p.what} — fix: {p.fix}")
+    print("ready: a run should work here" if not found else f"{len(found)} problem(s)")
+    return EXIT_FAIL if found else EXIT_OK
 
 
 # -- images ------------------------------------------------------------------

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from apflab import __version__, paths
 from apflab.errors import PreflightError
-from apflab.host import cgroup, kvm, tracefs
+from apflab.host import cgroup, kvm, procfs, tracefs
 
-TOOLS = ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "mke2fs", "setpriv", "gcc")
+#: what a run needs where its guest runs (also inside the lab's L1)
+RUN_TOOLS = ("qemu-system-x86_64", "qemu-img", "setpriv")
+#: what builds images and guest kernels (never inside L1: they come from the host)
+BUILD_TOOLS = ("mmdebstrap", "mke2fs", "gcc", "make", "bc", "flex", "bison", "patch", "ccache")
+#: free space needed: the caches (images ~2.5 GiB, a kernel source ~1.7 GiB, base
+#: trees) and the runtime root (a 2 GiB swap file, the trace)
+MIN_FREE_GB = {"cache": 8, "runtime": 3}
+#: L1's memory by default, plus room for this host itself
+LAB_MEMORY_MB = 3072 + 1024
 
 
 def host_facts() -> dict[str, Any]:
@@ -43,10 +53,97 @@ def host_facts() -> dict[str, Any]:
     try:
         cg = cgroup.detect()
         facts["cgroup"] = {"version": cg.version, "parent": str(cg.parent)}
+        if cg.version == 2:
+            subtree = cg.parent / "cgroup.subtree_control"
+            enabled = subtree.read_text().split() if subtree.exists() else []
+            facts["cgroup"]["memory_for_children"] = "memory" in enabled
     except PreflightError as err:
         facts["cgroup"] = {"error": str(err)}
     facts["tracefs"] = next(
         (str(p) for p in tracefs.TRACEFS_CANDIDATES if (p / "instances").is_dir()), None
     )
-    facts["tools"] = {t: shutil.which(t) is not None for t in TOOLS}
+    facts["kvm_events"] = any(
+        (p / "events" / "kvm" / "kvm_async_pf_ready").is_dir() for p in tracefs.TRACEFS_CANDIDATES
+    )
+    tools = RUN_TOOLS if paths.in_lab() else (*RUN_TOOLS, *BUILD_TOOLS)
+    facts["tools"] = {t: shutil.which(t) is not None for t in tools}
+    facts["mem_available_mb"] = procfs.mem_available_mb()
+    where = {"runtime": paths.runtime_root()}
+    if not paths.in_lab():  # L1's cache is the read-only assets disk
+        where["cache"] = paths.cache_dir()
+    facts["disk_free_gb"] = {
+        what: {"path": str(p), "free": shutil.disk_usage(_existing(p)).free >> 30}
+        for what, p in where.items()
+    }
     return facts
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something that makes a run fail here, and what to do about it."""
+
+    what: str
+    fix: str
+
+
+def problems(facts: dict[str, Any]) -> list[Problem]:
+    """Everything in ``facts`` (:func:`host_facts`) that stops a run on this host."""
+    out: list[Problem] = []
+    if not facts["root"]:
+        out.append(Problem("not root", "run as root (cgroups, swap, tracefs, image builds)"))
+    missing = [t for t, ok in facts["tools"].items() if not ok]
+    if missing:
+        out.append(Problem(f"missing tools: {', '.join(missing)}", "make deps"))
+    for what, disk in facts["disk_free_gb"].items():
+        need = MIN_FREE_GB[what]
+        if disk["free"] < need:
+            out.append(
+                Problem(f"only {disk['free']} GiB free under {disk['path']}", f"free {need} GiB")
+            )
+    if facts["path"] == "lab":
+        if facts["mem_available_mb"] < LAB_MEMORY_MB:
+            out.append(
+                Problem(
+                    f"{facts['mem_available_mb']} MiB available; the lab needs {LAB_MEMORY_MB}",
+                    "free memory, or pass a smaller --lab-memory",
+                )
+            )
+        return out
+    out += _direct_problems(facts)
+    return out
+
+
+def _direct_problems(facts: dict[str, Any]) -> list[Problem]:
+    """What a guest under KVM right here needs (the lab's L1 brings its own)."""
+    out = []
+    if facts["kvm"]["async_pf_int"] != 1:
+        out.append(
+            Problem(
+                "KVM here lacks KVM_CAP_ASYNC_PF_INT (interrupt-based page-ready delivery)",
+                "a host kernel >= 5.8 with kvm_intel or kvm_amd",
+            )
+        )
+    cg = facts["cgroup"]
+    if "error" in cg:
+        out.append(Problem(cg["error"], "boot with cgroup_enable=memory, or mount cgroup2"))
+    elif not cg.get("memory_for_children", True):
+        out.append(
+            Problem(
+                f"the memory controller is not enabled for children of {cg['parent']}",
+                f"echo +memory > {cg['parent']}/cgroup.subtree_control",
+            )
+        )
+    if not facts["kvm_events"]:
+        out.append(
+            Problem(
+                "tracefs has no kvm async-PF events (kvm_async_pf_ready)",
+                "modprobe kvm, and mount tracefs on /sys/kernel/tracing",
+            )
+        )
+    return out

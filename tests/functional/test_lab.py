@@ -37,6 +37,13 @@ class NestedLab(Test):
         )
 
     def test_l1_kvm_and_l2_with_async_pf(self) -> None:
+        """
+        L1 has kvm_amd and KVM_CAP_ASYNC_PF_INT; an L2 in it boots under KVM with async
+        PF by interrupt (every verdict of make check's kvm job shows the same, so this
+        runs in the heavy tier: make check-heavy).
+
+        :avocado: tags=heavy
+        """
         undo = UndoStack(f"labtest-{self.name.uid}")
         with undo, Lab(self.config, Path(self.logdir), undo) as lab:
             facts = lab.facts

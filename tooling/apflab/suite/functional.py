@@ -72,8 +72,8 @@ def _repo() -> Path:
 
 
 def run_host_job(out: Path, tags: str | None) -> list[dict[str, Any]]:
-    """Every test but the ``kvm`` ones, right here."""
-    filters = ["--filter-by-tags", tags or "-kvm", "--filter-by-tags-include-empty"]
+    """Every test but the ``kvm`` and ``heavy`` ones, right here."""
+    filters = ["--filter-by-tags", tags or "-kvm,-heavy", "--filter-by-tags-include-empty"]
     argv = _avocado(out, [SUITE], filters)
     print(f"== job host: {' '.join(argv)}", flush=True)
     subprocess.run(argv, cwd=_repo(), check=False)

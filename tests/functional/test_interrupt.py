@@ -7,6 +7,7 @@ processes, run dirs, QMP sockets, run-state records, cgroups, swap areas,
 tracefs instances.
 """
 
+import json
 import os
 import re
 import signal
@@ -168,6 +169,13 @@ class InterruptPressure(RunControl):
         code = self.finish(proc, timeout=300)
         self.assertEqual(code, 130)
         self.assert_clean(run_id, qemu_pid)
+        # nothing of the run is lost: its record, logs and a verdict saying why it stopped
+        out = Path(self.logdir) / "run" / run_id
+        doc = json.loads((out / "verdict.json").read_text())
+        self.assertEqual(doc["verdict"], "ERROR")
+        self.assertIn("interrupted", doc["reason"])
+        self.assertTrue((out / "run.json").is_file(), "no run.json")
+        self.assertTrue((out / "logs" / "guest-console.log").is_file(), "no console log")
 
     @staticmethod
     def kvm_usable() -> bool:

@@ -139,12 +139,29 @@ class _LabRun:
             inner = ["env", f"APFLAB_KERNEL_CACHE={shipped.kernel_cache}"]
             inner += ["apflab", "run", "--record-only", "--run-id", self.run_id]
             inner += ["--results", L1_RESULTS, *self.scenario.argv(file_dir=shipped.files)]
-            res = lab.run(inner, check=False, timeout=None, on_output=_indent(self.emit))
+            try:
+                res = lab.run(inner, check=False, timeout=None, on_output=_indent(self.emit))
+            except BaseException as err:  # interrupted here: keep what L1 has so far
+                self._keep_partial(lab, err)
+                raise
             lab.run(["rm", "-rf", where], check=False)
         with self.phases.phase("fetch results"):
             n = lab.fetch(f"{L1_RESULTS}/{self.run_id}", self.out)
             self.emit(f"          {n} file(s) copied back to {self.out}")
         return res.exit_status
+
+    def _keep_partial(self, lab: Lab | AttachedLab, err: BaseException) -> None:
+        """Fetch what the run in L1 has written so far (logs, the partial trace) and
+        say in verdict.json why it stops here; best effort, the lab may be gone."""
+        try:
+            lab.fetch(f"{L1_RESULTS}/{self.run_id}", self.out)
+        except ApflabError as fetch_err:
+            log.warning("could not fetch the partial results from L1: %s", fetch_err)
+        self.out.mkdir(parents=True, exist_ok=True)
+        why = f"interrupted ({type(err).__name__}: {err}) during the experiment in L1"
+        doc = verdict.error_document(self.run_id, why)
+        doc["partial_trace"] = next((str(p) for p in self.out.glob("trace.txt*")), None)
+        write_json(self.out / "verdict.json", doc)
 
     def judge(self, lab_facts: dict[str, Any], retries: dict[str, Any]) -> dict[str, Any]:
         if not (self.out / RUN_FILE).exists():

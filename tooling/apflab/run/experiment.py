@@ -18,9 +18,11 @@ import logging
 import lzma
 import shutil
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 from apflab import paths
+from apflab.analysis import verdict
 from apflab.analysis.guest import WORKLOAD_START
 from apflab.errors import (
     ApflabError,
@@ -41,17 +43,21 @@ from apflab.run.records import (
     HostFacts,
     RunRecord,
     vcpu_of_pid,
+    write_json,
     write_vcpus,
 )
 from apflab.run.scenario import Scenario
 from apflab.run.stall import StallWatch
 from apflab.run.workload import run_workload
-from apflab.undo import RemoveTree, UndoStack
+from apflab.undo import UndoStack
 from apflab.vm import guestinfo
 from apflab.vm.console import console_faults
 from apflab.vm.qemu import Guest, GuestConfig
 
 log = logging.getLogger(__name__)
+
+#: the trace as it streams; compressed to trace.txt.xz when the trace is saved
+PARTIAL_TRACE = "trace.txt"
 
 
 def compress(src: Path, dest: Path) -> None:
@@ -123,9 +129,24 @@ def execute(scenario: Scenario, results: Path, run_id: str, emit: Emit) -> RunRe
     except ApflabError as err:
         log.error("run %s: %s", run_id, err)
         rec.errors.append(str(err))
+    except BaseException as err:  # SIGINT, SIGTERM: keep what the run had, then go on
+        rec.errors.append(f"interrupted ({type(err).__name__}: {err}) during the run")
+        rec.phases = phases.times
+        rec.write()
+        write_json(results / "verdict.json", interrupted_document(rec, err))
+        raise
     rec.phases = phases.times
     rec.write()
     return rec
+
+
+def interrupted_document(rec: RunRecord, err: BaseException) -> dict[str, object]:
+    """verdict.json of a run cut short: ERROR, and where its partial evidence is."""
+    doc = verdict.error_document(rec.run_id, f"interrupted ({type(err).__name__}: {err})")
+    partial = rec.results / PARTIAL_TRACE
+    doc["partial_trace"] = str(partial) if partial.exists() else None
+    doc["kernel"] = {**doc["kernel"], **(asdict(rec.kernel) if rec.kernel else {})}
+    return doc
 
 
 class _Experiment:
@@ -143,7 +164,8 @@ class _Experiment:
         self.scenario, self.cfg, self.pressure, self.undo = scenario, cfg, pressure, undo
         self.rec, self.emit = rec, emit
         rec.pressure = pressure.report  # filled in phase by phase
-        self.trace_txt = paths.runtime_root() / f"{rec.run_id}-trace.txt"
+        # streamed straight into the results: a run cut short keeps what it traced
+        self.trace_txt = rec.results / PARTIAL_TRACE
         self.session: tracefs.TraceSession | None = None
 
     def run(self, phases: Phases) -> None:
@@ -236,7 +258,6 @@ class _Experiment:
             self.undo,
             buffer_kb=self.scenario.trace_buffer_kb,
         )
-        self.undo.push(RemoveTree(str(self.trace_txt)))
         self.session.start()
         (self.rec.results / "trace-formats.txt").write_text(self.session.formats())
 
@@ -274,6 +295,7 @@ class _Experiment:
             (rec.results / "host" / f"tracefs-cpu{cpu}-stats").write_text(text)
         dest = rec.results / "trace.txt.xz"
         compress(self.trace_txt, dest)
+        self.trace_txt.unlink()
         rec.trace.path = dest
         write_vcpus(rec.results, rec.vcpus)
 

@@ -74,3 +74,11 @@ def test_analyze_prints_the_contract_parts(capsys: pytest.CaptureFixture[str]) -
     out = capsys.readouterr().out
     for key in ('"events"', '"latency_us"', '"invariants"', '"not_present_to_ready"'):
         assert key in out
+
+
+def test_history_statistics_are_the_stores() -> None:
+    """cli/regress.py keeps a copy (the store's module is heavy to import at start-up)."""
+    from apflab.cli import regress
+    from apflab.regress import store
+
+    assert regress.STATISTICS == store.STATISTICS

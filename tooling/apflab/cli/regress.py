@@ -13,14 +13,17 @@ from typing import Any
 from apflab import paths
 from apflab.cli.args import existing_file, positive_int
 from apflab.cli.exitcodes import EXIT_FAIL, EXIT_INVALID, EXIT_OK
-from apflab.regress import changes, compare, nightly
-from apflab.regress.store import STATISTICS, Store
-from apflab.report import trend
 
-COMPARE_EXIT = {compare.PASS: EXIT_OK, compare.FAIL: EXIT_FAIL, compare.INCONCLUSIVE: EXIT_INVALID}
+# The regress modules are imported in the commands that use them: they pull in
+# scipy, SQLAlchemy and otava, which every other command (and every run inside the
+# lab's emulated L1) would otherwise pay for at start-up.
+COMPARE_EXIT = {"PASS": EXIT_OK, "FAIL": EXIT_FAIL, "INCONCLUSIVE": EXIT_INVALID}
+STATISTICS = ("p10", "p50", "p90", "p99", "max")  # apflab.regress.store.STATISTICS
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from apflab.regress import compare  # noqa: PLC0415  (heavy: see the top)
+
     out = (args.out or Path("results") / paths.new_run_id("compare")).resolve()
     doc = compare.compare_dirs(args.candidates, args.baseline, out, compare.Rules(alpha=args.alpha))
     print(f"compare: {doc['verdict']} — {doc['reason']}")
@@ -40,6 +43,8 @@ def _store_arg(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_nightly(args: argparse.Namespace) -> int:
+    from apflab.regress import nightly  # noqa: PLC0415  (heavy: see the top)
+
     result = nightly.run_night(
         args.matrix, args.samples, args.store, args.results, _emit, args.night, args.baseline
     )
@@ -55,6 +60,10 @@ def cmd_nightly(args: argparse.Namespace) -> int:
 
 
 def write_trend(store_url: str, out: Path) -> tuple[Path, Path]:
+    from apflab.regress import changes  # noqa: PLC0415  (heavy: see the top)
+    from apflab.regress.store import Store  # noqa: PLC0415
+    from apflab.report import trend  # noqa: PLC0415
+
     with closing(Store.open(store_url)) as store:
         history = store.history()
         history99 = store.history(statistic="p99")
@@ -63,6 +72,9 @@ def write_trend(store_url: str, out: Path) -> tuple[Path, Path]:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
+    from apflab.regress import compare  # noqa: PLC0415  (heavy: see the top)
+    from apflab.regress.store import Store  # noqa: PLC0415
+
     with closing(Store.open(args.store)) as store:
         if args.import_dirs:
             added, known = store.import_dirs(compare.run_dirs(args.import_dirs), args.night)

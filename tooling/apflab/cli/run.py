@@ -14,7 +14,6 @@ from apflab.cli.args import existing_file, positive_int
 from apflab.cli.exitcodes import EXIT_FAIL, EXIT_OK, verdict_exit
 from apflab.errors import AnalysisError, UsageError
 from apflab.lab.l1 import LabConfig
-from apflab.regress import compare
 from apflab.run import dispatch
 from apflab.run.judge import judge
 from apflab.run.records import VCPUS_FILE, RunRecord, read_vcpus, vcpu_of_pid, write_json
@@ -86,12 +85,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     print_summary(doc, results)
     code = verdict_exit(doc.get("verdict"))
     if args.baseline:
+        from apflab.regress import compare  # noqa: PLC0415  (scipy: only when asked)
+
         run_dir = results / str(doc["run_id"])
         cmp = compare.compare_dirs([run_dir], args.baseline, run_dir, compare.Rules())
         doc["comparison"] = {k: cmp[k] for k in ("verdict", "reason", "report", "changes")}
         write_json(run_dir / "verdict.json", doc)
         print(f"against the baseline: {cmp['verdict']} — {cmp['reason']} ({cmp['report']})")
-        if cmp["verdict"] == compare.FAIL:
+        if cmp["verdict"] == "FAIL":
             code = EXIT_FAIL
     return code
 

@@ -130,7 +130,7 @@ def execute(scenario: Scenario, results: Path, run_id: str, emit: Emit) -> RunRe
         log.error("run %s: %s", run_id, err)
         rec.errors.append(str(err))
     except BaseException as err:  # SIGINT, SIGTERM: keep what the run had, then go on
-        rec.errors.append(f"interrupted ({type(err).__name__}: {err}) during the run")
+        rec.errors.append(f"interrupted ({signal_name(err)}) during the run")
         rec.phases = phases.times
         rec.write()
         write_json(results / "verdict.json", interrupted_document(rec, err))
@@ -140,9 +140,14 @@ def execute(scenario: Scenario, results: Path, run_id: str, emit: Emit) -> RunRe
     return rec
 
 
+def signal_name(err: BaseException) -> str:
+    """What interrupted a run, in words: Ctrl-C, or the signal's own message."""
+    return "SIGINT (Ctrl-C)" if isinstance(err, KeyboardInterrupt) else str(err) or repr(err)
+
+
 def interrupted_document(rec: RunRecord, err: BaseException) -> dict[str, object]:
     """verdict.json of a run cut short: ERROR, and where its partial evidence is."""
-    doc = verdict.error_document(rec.run_id, f"interrupted ({type(err).__name__}: {err})")
+    doc = verdict.error_document(rec.run_id, f"interrupted ({signal_name(err)})")
     partial = rec.results / PARTIAL_TRACE
     doc["partial_trace"] = str(partial) if partial.exists() else None
     doc["kernel"] = {**doc["kernel"], **(asdict(rec.kernel) if rec.kernel else {})}

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from apflab.cli import regress as cli_regress
 from apflab.cli.exitcodes import EXIT_USAGE
 from apflab.cli.main import main
 from apflab.host import leftovers
+from apflab.regress import store
 
 F = Path(__file__).parent / "fixtures"
 #: the real stock-1 trace cut after its first 20,000 bytes (an interrupted copy)
@@ -78,7 +80,4 @@ def test_analyze_prints_the_contract_parts(capsys: pytest.CaptureFixture[str]) -
 
 def test_history_statistics_are_the_stores() -> None:
     """cli/regress.py keeps a copy (the store's module is heavy to import at start-up)."""
-    from apflab.cli import regress
-    from apflab.regress import store
-
-    assert regress.STATISTICS == store.STATISTICS
+    assert cli_regress.STATISTICS == store.STATISTICS

@@ -93,8 +93,10 @@ run: deps images
 	$(APFLAB) cleanup
 	$(APFLAB) run --results $(RESULTS)
 
-bench: deps
-	$(APFLAB) bench
+# what a verdict costs here (warm and cold runs, tracer overhead, analyzer): results/bench.json
+bench: deps images
+	$(APFLAB) cleanup
+	$(APFLAB) bench --full --cold --results $(RESULTS)
 
 # the calibration runs of docs/calibration.md (kernels x samples in one lab; ~2.5 min a run)
 calibrate: deps images

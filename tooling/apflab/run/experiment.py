@@ -180,7 +180,7 @@ class _Experiment:
             vm = self.boot()
         with phases.phase("guest checks"):
             self.checks(vm)
-        if vm.accel == "kvm":
+        if vm.accel == "kvm" and self.scenario.trace == "on":
             with phases.phase("trace start"):
                 self.start_trace()
         with phases.phase("memory limit"):

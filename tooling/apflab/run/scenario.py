@@ -255,6 +255,14 @@ class Scenario:
         default=8192,
         metadata=opt("trace ring buffer per CPU", parse=int, unit="KB", check=positive),
     )
+    trace: str = field(
+        default="on",
+        metadata=opt(
+            "off: no tracing, only to measure the tracer's own cost (make bench): such a run "
+            "gets no verdict",
+            choices=("on", "off"),
+        ),
+    )
     thresholds: Path | None = field(
         default=None,
         metadata=opt(

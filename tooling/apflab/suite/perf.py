@@ -1,0 +1,148 @@
+"""``make bench`` (``apflab bench --full``): what a verdict costs here, measured.
+
+* **warm run** — one ``apflab run`` of the default scenario with images and venv in
+  place (``warm_run_s``; its phases from verdict.json, the lab's L1 boot included);
+* **cold run** (``--cold``) — a fresh clone with an empty image cache runs ``make run``;
+* **observer overhead** — the workload's wall time with tracing on ÷ off, runs
+  interleaved (on, off, on, off, ...), ``samples`` of each, in one lab;
+* **analyzer** — parse + analyze events/s on a recorded trace, and the peak RSS of
+  a process that analyses it (a fresh process: ``ru_maxrss`` is its own);
+* **lost events** — summed over every run above (the tracer's overrun + dropped).
+
+Everything lands in ``results/bench.json`` with the machine and the commit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from apflab import paths
+from apflab.process import run
+from apflab.run import dispatch
+from apflab.run.batch import Batch
+from apflab.run.scenario import Scenario
+from apflab.suite.bench import bench_analyzer
+
+Emit = Callable[[str], None]
+
+
+def machine() -> dict[str, Any]:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "commit": paths.repo_commit(),
+    }
+
+
+def warm_run(results: Path, emit: Emit) -> dict[str, Any]:
+    """One default run, timed end to end (a fresh L1 unless a lab is up)."""
+    t0 = time.monotonic()
+    doc = dispatch.run(Scenario(), results, emit)
+    return {
+        "warm_run_s": round(time.monotonic() - t0, 1),
+        "warm_run_verdict": doc["verdict"],
+        "warm_run_events": (doc.get("events") or {}).get("ready"),
+        "warm_run_async_pfs": (doc.get("events") or {}).get("not_present"),
+        "lost_events": (doc.get("events") or {}).get("lost"),
+        "phases_s": doc.get("phases_s"),
+    }
+
+
+def observer_overhead(results: Path, samples: int, emit: Emit) -> dict[str, Any]:
+    """Workload seconds with tracing on and off, interleaved, in one lab."""
+    seconds: dict[str, list[float]] = {"on": [], "off": []}
+    lost = 0
+    with Batch(emit) as batch:
+        for _ in range(samples):
+            for trace in ("on", "off"):
+                doc = batch.run(replace(Scenario(), trace=trace), results / f"trace-{trace}")
+                wl = doc.get("workload") or {}
+                if wl.get("completed"):
+                    seconds[trace].append(float(wl["seconds"]))
+                lost += int((doc.get("events") or {}).get("lost") or 0)
+    on, off = statistics.median(seconds["on"]), statistics.median(seconds["off"])
+    return {
+        "observer_overhead_ratio": round(on / off, 3),
+        "workload_s": seconds,
+        "observer_lost_events": lost,
+    }
+
+
+def analyzer(trace: Path) -> dict[str, Any]:
+    """Events/s (best of 3) and, in a fresh process, the peak RSS of one analysis."""
+    rates = bench_analyzer(trace, repeat=3)
+    code = (
+        "import resource,sys;from apflab.analysis.analyzer import analyze_trace;"
+        "analyze_trace(sys.argv[1]);"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(trace)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    return {
+        "analyzer_trace": str(trace),
+        "analyzer_events": rates["events"],
+        "analyzer_events_per_s": rates["analyze_events_per_s"],
+        "parser_events_per_s": rates["parse_events_per_s"],
+        "analysis_only_events_per_s": rates["analyze_only_events_per_s"],
+        "analyzer_peak_rss_mib": round(int(out.stdout.split()[-1]) / 1024, 1),
+        "this_process_peak_rss_mib": round(
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
+        ),
+    }
+
+
+def cold_run(root: Path, emit: Emit) -> dict[str, Any]:
+    """A fresh clone of this checkout with an empty image cache: ``make run`` (its
+    output in ``cold-run.log``)."""
+    repo = paths.repo_root()
+    if repo is None:
+        return {"cold_run_s": None}
+    with tempfile.TemporaryDirectory(prefix="apflab-cold-") as tmp:
+        clone = Path(tmp) / "clone"
+        run(["git", "clone", "-q", str(repo), str(clone)])
+        env = {"APFLAB_CACHE": str(Path(tmp) / "cache")}
+        res = run(["make", "run"], cwd=clone, env=env, check=False, timeout=3600)
+    (root / "cold-run.log").write_text(res.stdout + res.stderr)
+    emit(f"cold make run: exit {res.exit_status} in {res.duration:.0f}s")
+    return {"cold_run_s": round(res.duration, 1), "cold_run_exit": res.exit_status}
+
+
+def bench(results: Path, trace: Path, samples: int, cold: bool, emit: Emit) -> dict[str, Any]:
+    root = results.resolve() / paths.new_run_id("bench")
+    root.mkdir(parents=True)
+    doc: dict[str, Any] = {"machine": machine(), "at": time.strftime("%Y-%m-%dT%H:%M:%SZ")}
+    doc |= analyzer(trace)
+    doc |= warm_run(root / "warm", emit)
+    doc |= observer_overhead(root, samples, emit)
+    doc["lost_events"] = (doc["lost_events"] or 0) + doc["observer_lost_events"]
+    if cold:
+        doc |= cold_run(root, emit)
+    (results / "bench.json").write_text(json.dumps(doc, indent=1) + "\n")
+    return doc

@@ -5,8 +5,9 @@
   something this host lacks CANCEL themselves with the reason.
 * Job *kvm*: the verdicts (``test_apf.py`` with the variants of
   ``tests/functional/controls.yaml``: the stock kernel, the unpatched build and
-  the negative controls).  Each goes through ``apflab run``, so on a host whose
-  /dev/kvm cannot run stock guests it runs in the nested lab — one lab brought up
+  the negative controls), then the other ``kvm`` tests (a one-cell night).  Each
+  goes through ``apflab run``, so on a host whose /dev/kvm cannot run stock guests
+  it runs in the nested lab — one lab brought up
   for the whole job and used by every test (``apflab lab up``), not one L1 per test,
   and no Avocado inside the emulated L1.  Kernels are built here, before L1 needs
   them.  When L1 itself fails during the job, the job runs again on a fresh L1
@@ -80,13 +81,22 @@ def run_host_job(out: Path, tags: str | None) -> list[dict[str, Any]]:
     return _load(out)
 
 
+def _kvm_tests(out: Path) -> list[dict[str, Any]]:
+    """The verdicts (test_apf.py x controls.yaml), then the other ``kvm`` tests."""
+    argv = _avocado(out / "verdicts", [VERDICTS], ["-m", CONTROLS])
+    print(f"== job kvm: {' '.join(argv)}", flush=True)
+    subprocess.run(argv, cwd=_repo(), check=False)
+    others = ["--filter-by-tags", "kvm,-apf"]
+    argv = _avocado(out / "others", [SUITE], others)
+    print(f"== job kvm: {' '.join(argv)}", flush=True)
+    subprocess.run(argv, cwd=_repo(), check=False)
+    return _load(out / "verdicts") + _load(out / "others")
+
+
 def run_kvm_job(out: Path, notes: list[str]) -> list[dict[str, Any]]:
-    """The verdicts; through one lab kept up for the job when this host needs one."""
-    argv = _avocado(out, [VERDICTS], ["-m", CONTROLS])
+    """The kvm tests; through one lab kept up for the job when this host needs one."""
     if kvm.probe().usable or paths.in_lab():
-        print(f"== job kvm (direct): {' '.join(argv)}", flush=True)
-        subprocess.run(argv, cwd=_repo(), check=False)
-        return _load(out)
+        return _kvm_tests(out)
     if session.attach() is not None:
         raise UsageError("a lab is up already: `apflab lab down` first (the suite brings its own)")
     retrier = Retrier(POLICIES["lab-suite"], (LabError,))
@@ -96,14 +106,13 @@ def run_kvm_job(out: Path, notes: list[str]) -> list[dict[str, Any]]:
         up, lab = session.bring_up(LabConfig(), job_dir / "L1")
         print(f"== job kvm, lab {up.run_id} up in {lab.timings['l1_boot']:.1f}s", flush=True)
         try:
-            argv = _avocado(job_dir, [VERDICTS], ["-m", CONTROLS])
-            subprocess.run(argv, cwd=_repo(), check=False)
+            results = _kvm_tests(job_dir)
             alive = pid_alive(up.pid, up.start_time)
         finally:
             session.tear_down()
         if not alive:
             raise LabError(f"L1 (pid {up.pid}) died during the job; see {job_dir / 'L1'}")
-        return _load(job_dir)
+        return results
 
     def note(err: BaseException) -> None:
         notes.append(f"kvm job: {str(err).splitlines()[0]}; again on a fresh L1")

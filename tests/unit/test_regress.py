@@ -1,0 +1,95 @@
+"""Comparison, store and change detection on recorded runs (real lab runs of
+make calibrate, captured with tests/unit/fixtures/capture.py verdict; INDEX.json
+says which kernel each run was)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from apflab.regress import changes, compare
+from apflab.regress.store import MIGRATIONS, Store
+
+F = Path(__file__).parent / "fixtures" / "verdicts"
+INDEX: dict[str, str] = json.loads((F / "INDEX.json").read_text())
+
+
+def runs_of(cell: str) -> list[Path]:
+    return sorted(F / run_id for run_id, c in INDEX.items() if c == cell)
+
+
+def loaded(cell: str) -> list[compare.Run]:
+    return [compare.Run.load(d) for d in runs_of(cell)]
+
+
+def test_the_fixture_cells() -> None:
+    for cell in ("unpatched", "delay-100us", "delay-500us", "delay-5000us"):
+        assert len(runs_of(cell)) >= 4, cell
+
+
+def test_min_runs_for_an_exact_two_sided_test() -> None:
+    assert compare.min_runs(0.05) == 4  # 3 v 3 cannot go below p = 0.1
+    assert compare.min_runs(0.01) == 5
+
+
+def test_a_500us_late_ack_is_slower_than_the_unpatched_build() -> None:
+    doc = compare.compare(loaded("delay-500us"), loaded("unpatched"), compare.Rules())
+    # its own verdict already FAILs (the p10 floor); the comparison says so first
+    assert doc["verdict"] == "FAIL"
+    slower = [c for c in doc["changes"] if c["verdict"] == "FAIL"]
+    assert {(c["metric"], c["statistic"]) for c in slower} >= {("ready_to_ack", "p50")}
+
+
+def test_runs_of_one_kernel_against_themselves_pass() -> None:
+    base = loaded("unpatched")
+    doc = compare.compare(base[: len(base) // 2 + 2], base[len(base) // 2 - 2 :], compare.Rules())
+    assert doc["verdict"] in ("PASS", "INCONCLUSIVE"), doc["reason"]
+    assert not [c for c in doc["changes"] if c["verdict"] == "FAIL"]
+
+
+def test_too_few_runs_are_inconclusive_never_a_pass() -> None:
+    doc = compare.compare(loaded("delay-100us")[:1], loaded("unpatched"), compare.Rules())
+    assert doc["verdict"] == "INCONCLUSIVE"
+    assert "3 more run(s) needed" in doc["reason"]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store.open(str(tmp_path / "apflab.db"))
+    yield s  # type: ignore[misc]
+    s.close()
+
+
+def test_import_is_idempotent_and_the_schema_current(store: Store, tmp_path: Path) -> None:
+    dirs = runs_of("unpatched")
+    assert store.version == len(MIGRATIONS)
+    assert store.import_dirs(dirs, "n1") == (len(dirs), 0)
+    assert store.import_dirs(dirs, "n1") == (0, len(dirs))
+    again = Store.open(str(tmp_path / "apflab.db"))  # reopened: no migration runs twice
+    assert again.version == len(MIGRATIONS)
+    assert len(again.history()) == len(dirs)
+    again.close()
+
+
+def _night(store: Store, night: str, cell: str, kernel: str, n: int = 2) -> None:
+    for d in runs_of(cell)[:n]:
+        doc = json.loads((d / "verdict.json").read_text())
+        doc["run_id"] = f"{doc['run_id']}-{night}"  # the same real run, recorded nightly
+        store.add(doc, d, night, kernel)
+
+
+def test_a_step_is_a_regression_from_its_first_night(store: Store) -> None:
+    for i in range(1, 6):
+        _night(store, f"2026-11-0{i}", "unpatched", "K")
+    for i in range(6, 10):
+        _night(store, f"2026-11-0{i}", "delay-1000us", "K")
+    found = changes.detect(store.history(), changes.Rules(min_magnitude=0.2))
+    assert found[0].kind == "new FAIL" and found[0].first_night == "2026-11-06"
+    slow = [f for f in found if f.kind == "latency regression" and f.metric == "ready_to_ack"]
+    assert slow and slow[0].first_night == "2026-11-06", [f.detail for f in found]
+
+
+def test_noise_is_not_a_regression(store: Store) -> None:
+    for i, cell in enumerate(["unpatched"] * 8, 1):
+        _night(store, f"2026-11-{i:02d}", cell, "K", n=1 + i % 2)
+    assert changes.detect(store.history()) == []

@@ -78,9 +78,11 @@ def test_p999_uses_exact_rational_rank() -> None:
 
 def test_empty_summary_is_none_and_keys_are_the_contract() -> None:
     s = Histogram().summary()
-    assert list(s) == ["count", "p50", "p90", "p99", "p999", "max", "censored"]
+    # the contract's keys, with two additions: p10 (the floor) and censored
+    assert list(s) == ["count", "p10", "p50", "p90", "p99", "p999", "max", "censored"]
     assert s == {
         "count": 0,
+        "p10": None,
         "p50": None,
         "p90": None,
         "p99": None,

@@ -44,7 +44,7 @@ from apflab.run.records import VCPUS_FILE, read_vcpus, vcpu_of_pid
 PASS, FAIL, INCONCLUSIVE = "PASS", "FAIL", "INCONCLUSIVE"
 #: the metrics compared, and the statistics of each run compared
 METRICS = ("ready_to_ack", "queued_completed_to_ready", "not_present_to_ready")
-STATISTICS = ("p50", "p99")
+STATISTICS = ("p10", "p50", "p99")
 
 
 @dataclass(frozen=True)
@@ -53,12 +53,15 @@ class Rules:
 
     :ivar alpha: significance level of the Mann-Whitney U test
     :ivar ratio: the slowdown (candidate / baseline) a change must exceed, per
-        statistic: medians move little on a healthy kernel, tails much more
+        statistic: the low end and the median move little on a healthy kernel (a late
+        ACK moves the low end first), tails much more
     :ivar bootstrap: resamples for the confidence interval
     """
 
     alpha: float = 0.05
-    ratio: dict[str, float] = field(default_factory=lambda: {"p50": 1.25, "p99": 1.5})
+    ratio: dict[str, float] = field(
+        default_factory=lambda: {"p10": 1.15, "p50": 1.25, "p99": 1.5}
+    )
     bootstrap: int = 2000
     seed: int = 1
 

@@ -11,7 +11,7 @@ APFLAB := $(VENV)/bin/apflab
 RESULTS ?= $(CURDIR)/results
 STAMP := $(VENV)/.deps-$(shell cat requirements.lock requirements-dev.lock requirements-nodeps.txt setup.cfg | sha256sum | cut -c1-16)
 
-.PHONY: all deps lock images lint unit functional check check-heavy run bench calibrate cleanup doctor clean help
+.PHONY: all deps lock images lint unit functional check check-faults check-heavy run bench calibrate cleanup doctor clean help
 all: help
 help:
 	@echo "make run    - full async-PF latency verdict on the default lab (exit 0 PASS,1 FAIL,2 INVALID,3 ERROR)"
@@ -84,6 +84,12 @@ check: deps lint unit functional
 
 # the heavy tier: tests make check leaves out (their capability is covered there by a
 # cheaper test); results under results/check-heavy-*
+# the fault tests (tags=faults): make check runs the quick one
+check-faults: deps images
+	$(APFLAB) cleanup
+	$(APFLAB) check-functional --only host --tags faults --results $(RESULTS)
+	$(APFLAB) cleanup --check
+
 check-heavy: deps images
 	$(APFLAB) cleanup
 	$(APFLAB) check-functional --only host --tags heavy --results $(RESULTS)

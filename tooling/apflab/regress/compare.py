@@ -59,9 +59,7 @@ class Rules:
     """
 
     alpha: float = 0.05
-    ratio: dict[str, float] = field(
-        default_factory=lambda: {"p10": 1.15, "p50": 1.25, "p99": 1.5}
-    )
+    ratio: dict[str, float] = field(default_factory=lambda: {"p10": 1.15, "p50": 1.25, "p99": 1.5})
     bootstrap: int = 2000
     seed: int = 1
 

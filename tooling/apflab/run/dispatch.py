@@ -25,7 +25,7 @@ from apflab.lab.assets import L1_RESULTS, SHIP_ROOT
 from apflab.lab.l1 import Lab, LabConfig, ship
 from apflab.lab.session import AttachedLab, attach
 from apflab.retry import POLICIES, Retrier
-from apflab.run.experiment import execute, signal_name
+from apflab.run.experiment import cut_short, execute
 from apflab.run.guest_kernel import ensure_built
 from apflab.run.judge import judge
 from apflab.run.phases import Emit, Phases
@@ -158,7 +158,7 @@ class _LabRun:
         except ApflabError as fetch_err:
             log.warning("could not fetch the partial results from L1: %s", fetch_err)
         self.out.mkdir(parents=True, exist_ok=True)
-        why = f"interrupted ({signal_name(err)}) during the experiment in L1"
+        why = f"{cut_short(err)} during the experiment in L1"
         doc = verdict.error_document(self.run_id, why)
         doc["partial_trace"] = next((str(p) for p in self.out.glob("trace.txt*")), None)
         write_json(self.out / "verdict.json", doc)

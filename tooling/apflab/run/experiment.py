@@ -129,8 +129,8 @@ def execute(scenario: Scenario, results: Path, run_id: str, emit: Emit) -> RunRe
     except ApflabError as err:
         log.error("run %s: %s", run_id, err)
         rec.errors.append(str(err))
-    except BaseException as err:  # SIGINT, SIGTERM: keep what the run had, then go on
-        rec.errors.append(f"interrupted ({signal_name(err)}) during the run")
+    except BaseException as err:  # SIGINT, SIGTERM, a bug: keep what the run had, go on
+        rec.errors.append(f"{cut_short(err)} during the run")
         rec.phases = phases.times
         rec.write()
         write_json(results / "verdict.json", interrupted_document(rec, err))
@@ -140,14 +140,18 @@ def execute(scenario: Scenario, results: Path, run_id: str, emit: Emit) -> RunRe
     return rec
 
 
-def signal_name(err: BaseException) -> str:
-    """What interrupted a run, in words: Ctrl-C, or the signal's own message."""
-    return "SIGINT (Ctrl-C)" if isinstance(err, KeyboardInterrupt) else str(err) or repr(err)
+def cut_short(err: BaseException) -> str:
+    """Why a run stopped before its end, in words: a signal, or a bug of ours."""
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted (SIGINT, Ctrl-C)"
+    if not isinstance(err, Exception):  # the CLI's Terminated: "terminated by signal 15"
+        return f"interrupted ({err})"
+    return f"stopped by an unexpected {type(err).__name__} ({err!r})"
 
 
 def interrupted_document(rec: RunRecord, err: BaseException) -> dict[str, object]:
     """verdict.json of a run cut short: ERROR, and where its partial evidence is."""
-    doc = verdict.error_document(rec.run_id, f"interrupted ({signal_name(err)})")
+    doc = verdict.error_document(rec.run_id, cut_short(err))
     partial = rec.results / PARTIAL_TRACE
     doc["partial_trace"] = str(partial) if partial.exists() else None
     doc["kernel"] = {**doc["kernel"], **(asdict(rec.kernel) if rec.kernel else {})}

@@ -232,8 +232,23 @@ class Guest:
         return {int(c["cpu-index"]): int(c["thread-id"]) for c in cpus}
 
     def runstate(self) -> str:
-        """QMP ``query-status`` status: running, paused, shutdown, guest-panicked..."""
-        status = self.qmp.cmd("query-status")
+        """QMP ``query-status`` status: running, paused, shutdown, guest-panicked...
+
+        :raises VMLaunchError: QEMU is gone (QMP broke because the process died)
+        :raises VMError: QMP failed with QEMU still there
+        """
+        try:
+            status = self.qmp.cmd("query-status")
+        except Exception as err:  # qemu.qmp raises several unrelated types
+            if self._proc is not None and _exited_within(self._proc, 2.0):
+                self.exitcode = self._proc.returncode
+                raise VMLaunchError(
+                    f"{self.name}: QEMU exited unexpectedly (exit code {self.exitcode})",
+                    self.argv,
+                    self.exitcode,
+                    tail(self.console_log) + "\n" + tail(self.qemu_log, 5),
+                ) from err
+            raise VMError(f"{self.name}: QMP query-status failed: {err!r}") from err
         return str(status["status"]) if isinstance(status, dict) else "unknown"
 
     def check_alive(self) -> None:
@@ -614,6 +629,14 @@ class Guest:
             )
             self._proc.kill()
             self.exitcode = self._proc.wait(timeout=30)
+
+
+def _exited_within(proc: subprocess.Popen[bytes], seconds: float) -> bool:
+    try:
+        proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
 
 
 def _start_time_soon(pid: int) -> int | None:

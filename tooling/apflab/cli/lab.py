@@ -7,14 +7,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from apflab import kernel
 from apflab.cli.args import Parser, existing_file, positive_int
 from apflab.cli.exitcodes import EXIT_FAIL, EXIT_OK
 from apflab.errors import UsageError
 from apflab.lab import session
 from apflab.lab.l1 import LabConfig
+from apflab.run.scenario import Scenario
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    host = Scenario(
+        host_source=args.host_source,
+        host_patch=tuple(args.host_patch),
+        host_config=tuple(args.host_config),
+    ).host_kernel_spec()
+    built = kernel.build(host, progress=_progress) if host is not None else None
     config = LabConfig(
         memory_mb=args.memory,
         cpus=args.cpus,
@@ -22,8 +30,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         swap_mb=args.swap,
         kernels=tuple(args.kernel),
         detached=True,
+        kernel=built.bzimage if built else None,
     )
-    up, lab = session.bring_up(config, args.log_dir)
+    up, lab = session.bring_up(config, args.log_dir, built.sha256 if built else None)
     kvm = lab.facts.get("kvm", {})
     print(
         f"lab up: L1 pid {up.pid}, booted in {lab.timings['l1_boot']:.1f}s; "
@@ -32,6 +41,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"logs: {up.log_dir}")
     print("next: apflab lab run -- apflab doctor    |    apflab lab down")
     return EXIT_OK
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -82,6 +95,9 @@ def register(sub: Any) -> None:
     up.add_argument("--swap", type=positive_int, default=2048, metavar="MB")
     up.add_argument("--accel", choices=["tcg", "kvm"], default="tcg")
     up.add_argument("--kernel", type=existing_file, action="append", default=[])
+    up.add_argument("--host-source", default=None, help="build L1's kernel from this source")
+    up.add_argument("--host-patch", type=existing_file, action="append", default=[])
+    up.add_argument("--host-config", type=existing_file, action="append", default=[])
     up.add_argument("--log-dir", type=Path)
     up.set_defaults(func=cmd_up)
     lr = lab_sub.add_parser("run", help="run a command in L1, stream it, fetch results")

@@ -41,7 +41,7 @@ from apflab.images.build import ensure
 from apflab.lab.assets import ASSETS_MOUNT, L1_ENV, SERIALS, build_assets
 from apflab.process import CmdResult
 from apflab.undo import RemoveTree, UndoStack
-from apflab.vm.qemu import Disk, Guest, GuestConfig
+from apflab.vm.qemu import BootSpec, Disk, Guest, GuestConfig
 from apflab.vm.ssh import SSH
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,9 @@ class LabConfig:
     boot_timeout: float = 240.0
     guest_image: str = "guest"
     kernels: tuple[Path, ...] = ()
+    #: L1's own kernel: a bzImage with everything built in (apflab's host kernel
+    #: build), booted without an initrd; None: the lab image's Debian kernel
+    kernel: Path | None = None
     #: leave L1 running when this process exits (`apflab lab up`)
     detached: bool = False
     #: QEMU TCG threading for L1: "multi" (one host thread per vCPU) or "single"
@@ -127,7 +130,11 @@ class Lab:
             f.truncate(self.config.swap_mb << 20)
         self.timings["assets"] = time.monotonic() - t1
         cfg = GuestConfig(
-            boot=lab_img.boot_spec(),
+            boot=(
+                BootSpec(self.config.kernel, None, lab_img.cmdline)
+                if self.config.kernel is not None
+                else lab_img.boot_spec()
+            ),
             root=lab_img.disk,
             host_key=lab_img.host_key,
             name="L1",

@@ -49,6 +49,9 @@ class LabSession:
     client_key: str
     host_key: str
     log_dir: str
+    #: L1's kernel: its release, and the sha256 of the bzImage when apflab built it
+    kernel_release: str | None = None
+    host_kernel_sha256: str | None = None
 
     @staticmethod
     def path() -> Path:
@@ -122,10 +125,13 @@ def attach() -> AttachedLab | None:
     return AttachedLab(LabSession.load())
 
 
-def bring_up(config: LabConfig, log_dir: Path | None = None) -> tuple[LabSession, Lab]:
+def bring_up(
+    config: LabConfig, log_dir: Path | None = None, host_kernel_sha256: str | None = None
+) -> tuple[LabSession, Lab]:
     """Boot L1 (the ``lab`` retry policy) and leave it running after we exit.
 
     :param log_dir: where L1's logs go (default ``results/<lab run id>``)
+    :param host_kernel_sha256: the sha256 of ``config.kernel`` (runs check it)
     """
     if LabSession.path().exists():
         raise UsageError("a lab is already up: `apflab lab down` first (or `apflab lab status`)")
@@ -154,6 +160,8 @@ def bring_up(config: LabConfig, log_dir: Path | None = None) -> tuple[LabSession
             str(vm.client_key_path),
             vm.config.host_key,
             str(log_dir),
+            lab.facts.get("kernel"),
+            host_kernel_sha256,
         )
         session.save()
         undo.push(RemoveTree(str(LabSession.path())))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,11 @@ def run(
     results_root.mkdir(parents=True, exist_ok=True)
     info = kvm.probe()
     direct = here or record_only or info.usable or scenario.accel == "tcg"
+    if direct and scenario.host_kernel_spec() is not None:
+        raise UsageError(
+            "--host-source/--host-patch/--host-config build the nested lab's L1 kernel, but "
+            "this run goes direct on this host's KVM: boot the host kernel you want instead"
+        )
     check_fits(scenario, None if direct else lab_config or LabConfig())
     if record_only:
         emit(f"apflab run {run_id}: recording on this host ({info.reason})")
@@ -130,15 +136,32 @@ class _LabRun:
             with self.phases.phase("guest kernel build"):
                 k = ensure_built(spec, emit)
             self.built.append((k.bzimage.parent, kernel.index_file(spec)))
+        #: L1's own kernel, when the host-side KVM is under test
+        self.host: kernel.BuiltKernel | None = None
+        host_spec = scenario.host_kernel_spec()
+        if host_spec is not None:
+            with self.phases.phase("host (L1) kernel build"):
+                self.host = ensure_built(host_spec, emit)
+        #: what runs inside L1: the same scenario without what concerns L1 itself
+        self.inner = replace(scenario, host_source=None, host_patch=(), host_config=())
+
+    def host_kernel(self, lab_facts: dict[str, Any]) -> dict[str, Any]:
+        """verdict.json's ``host_kernel``: L1's kernel, built here or the lab image's."""
+        release = lab_facts.get("kernel_release")
+        if self.host is None:
+            return {"release": release, "source": {"kind": "image", "name": "lab"}}
+        built = self.host.to_dict()
+        keep = ("release", "sha256", "source", "patches", "configs", "key", "bzimage")
+        return {k: built[k] for k in keep} | {"release_in_l1": release}
 
     def experiment(self, lab: Lab | AttachedLab) -> int:
         """Ship the run's files, run it in L1 (recording only), fetch its results."""
         where = f"{SHIP_ROOT}/{self.run_id}"
         with self.phases.phase("experiment in L1"):
-            shipped = ship(lab.ssh, where, self.scenario.files(), self.built)
+            shipped = ship(lab.ssh, where, self.inner.files(), self.built)
             inner = ["env", f"APFLAB_KERNEL_CACHE={shipped.kernel_cache}"]
             inner += ["apflab", "run", "--record-only", "--run-id", self.run_id]
-            inner += ["--results", L1_RESULTS, *self.scenario.argv(file_dir=shipped.files)]
+            inner += ["--results", L1_RESULTS, *self.inner.argv(file_dir=shipped.files)]
             try:
                 res = lab.run(inner, check=False, timeout=None, on_output=_indent(self.emit))
             except BaseException as err:  # interrupted here: keep what L1 has so far
@@ -179,7 +202,7 @@ class _LabRun:
             rec.kernel.path = str(self.built[0][0] / "bzImage")  # this host's copy
         rec.phases.update({f"host: {k}": v for k, v in self.phases.times.items()})
         rec.retries.update(retries)
-        return judge(rec, extra={"lab": lab_facts})
+        return judge(rec, extra={"lab": lab_facts, "host_kernel": self.host_kernel(lab_facts)})
 
 
 def _run_in_session(run: _LabRun, lab: AttachedLab) -> dict[str, Any]:
@@ -189,7 +212,12 @@ def _run_in_session(run: _LabRun, lab: AttachedLab) -> dict[str, Any]:
         status = run.experiment(lab)
     finally:
         lab.close()
-    facts = {"session": lab.session.run_id, "inner_exit_status": status, "failures": []}
+    facts: dict[str, Any] = {
+        "session": lab.session.run_id,
+        "kernel_release": lab.session.kernel_release,
+        "inner_exit_status": status,
+        "failures": [],
+    }
     return run.judge(facts, {})
 
 
@@ -200,7 +228,16 @@ def _run_in_lab(
     session = attach()
     if session is not None:
         emit(f"          using the lab that is up (run {session.session.run_id})")
+        want = run.host.sha256 if run.host else None
+        if want != session.session.host_kernel_sha256:
+            session.close()
+            raise UsageError(
+                "the lab that is up runs another L1 kernel than this run asks for "
+                "(--host-*): `apflab lab down` first, or `apflab lab up` with the same options"
+            )
         return _run_in_session(run, session)
+    if run.host is not None:
+        lab_config = replace(lab_config, kernel=run.host.bzimage)
     retrier = Retrier(POLICIES["lab"], (ApflabError,))
 
     def attempt(number: int) -> dict[str, Any]:
@@ -243,6 +280,7 @@ def _lab_attempt(run: _LabRun, lab_config: LabConfig, logs: Path) -> dict[str, A
     return {
         "timings_s": {k: round(v, 1) for k, v in lab.timings.items()},
         "kvm": lab.facts.get("kvm", {}),
+        "kernel_release": lab.facts.get("kernel"),
         "inner_exit_status": status,
     }
 

@@ -27,7 +27,13 @@ from apflab import paths
 from apflab.analysis import thresholds
 from apflab.analysis.thresholds import Thresholds
 from apflab.errors import UsageError
-from apflab.kernel import DEBIAN_SOURCES, DEFAULT_SOURCE, KernelSpec, check_bzimage
+from apflab.kernel import (
+    DEBIAN_SOURCES,
+    DEFAULT_SOURCE,
+    KernelSpec,
+    check_bzimage,
+    default_base_config,
+)
 from apflab.run.pressure import PressureSpec, check_sizes
 from apflab.run.workload import PATTERNS, WorkloadSpec
 
@@ -44,6 +50,11 @@ def non_negative(value: float | None) -> str | None:
 
 def existing_file(value: Path | None) -> str | None:
     return None if value is None or value.is_file() else "does not exist or is not a file"
+
+
+def host_config_fragment() -> Path:
+    """What turns apflab's guest kernel config into a KVM host's (L1's) config."""
+    return default_base_config().parent / "host.config"
 
 
 def bzimage(value: Path | None) -> str | None:
@@ -255,6 +266,34 @@ class Scenario:
         default=8192,
         metadata=opt("trace ring buffer per CPU", parse=int, unit="KB", check=positive),
     )
+    host_source: str | None = field(
+        default=None,
+        metadata=opt(
+            "nested lab only: build L1's kernel (the KVM host) from this source, with "
+            "guest_images/kernel/config/host.config; like --kernel-source",
+        ),
+    )
+    host_patch: tuple[Path, ...] = field(
+        default=(),
+        metadata=opt(
+            "nested lab only: apply this patch to L1's kernel (host-side KVM under test); "
+            "repeatable",
+            parse=Path,
+            check=existing_file,
+            file=True,
+            repeat=True,
+        ),
+    )
+    host_config: tuple[Path, ...] = field(
+        default=(),
+        metadata=opt(
+            "nested lab only: merge this config fragment into L1's kernel; repeatable",
+            parse=Path,
+            check=existing_file,
+            file=True,
+            repeat=True,
+        ),
+    )
     trace: str = field(
         default="on",
         metadata=opt(
@@ -362,6 +401,16 @@ class Scenario:
         the ``thresholds`` file's changes."""
         base = thresholds.for_host(in_lab)
         return thresholds.load(self.thresholds, base) if self.thresholds else base
+
+    def host_kernel_spec(self) -> KernelSpec | None:
+        """L1's kernel to build (the nested lab's KVM host), or None (the lab image's)."""
+        if not (self.host_patch or self.host_config or self.host_source):
+            return None
+        return KernelSpec(
+            source=self.host_source or DEFAULT_SOURCE,
+            patches=self.host_patch,
+            configs=(host_config_fragment(), *self.host_config),
+        )
 
     def kernel_spec(self) -> KernelSpec | None:
         """The guest kernel to build, or None (the image's kernel, or ``kernel``)."""

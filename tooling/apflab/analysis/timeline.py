@@ -44,8 +44,8 @@ class TimelineBuilder:
         self._series.append(series)
         return series
 
-    def record(self, series: Series, ts_us: int, outstanding: int) -> None:
-        """From ``ts_us`` on, ``series`` has ``outstanding`` tokens outstanding."""
+    def _bin(self, ts_us: int) -> int:
+        """The bin ``ts_us`` falls in, widening every bin until it fits."""
         assert self.t0_us is not None
         offset = ts_us - self.t0_us
         # a line logged before the first one (clock skew between CPUs): bin 0
@@ -53,6 +53,11 @@ class TimelineBuilder:
         while index >= self.max_bins:
             self._double_bin_width()
             index = (ts_us - self.t0_us) // self.bin_us
+        return index
+
+    def record(self, series: Series, ts_us: int, outstanding: int) -> None:
+        """From ``ts_us`` on, ``series`` has ``outstanding`` tokens outstanding."""
+        index = self._bin(ts_us)
         bins = series.bins
         if index >= len(bins):
             bins.extend([series.outstanding] * (index + 1 - len(bins)))
@@ -62,12 +67,7 @@ class TimelineBuilder:
 
     def record_peak(self, series: Series, ts_us: int, value: int) -> None:
         """A sample at ``ts_us``: the bin keeps its largest (empty bins stay 0)."""
-        assert self.t0_us is not None
-        offset = ts_us - self.t0_us
-        index = offset // self.bin_us if offset > 0 else 0
-        while index >= self.max_bins:
-            self._double_bin_width()
-            index = (ts_us - self.t0_us) // self.bin_us
+        index = self._bin(ts_us)
         bins = series.bins
         if index >= len(bins):
             bins.extend([0] * (index + 1 - len(bins)))

@@ -386,7 +386,7 @@ def load_entry(entry: Path, key: str) -> BuiltKernel | None:
     if not meta_path.is_file() or not (entry / "bzImage").is_file():
         return None
     meta = json.loads(meta_path.read_text())
-    if meta.get("key") != key or sources.sha256_file(entry / "bzImage") != meta.get("sha256"):
+    if meta.get("key") != key or paths.sha256_file(entry / "bzImage") != meta.get("sha256"):
         return None
     return BuiltKernel(
         bzimage=entry / "bzImage",
@@ -440,7 +440,7 @@ def _build_base(plan: _Plan, root: Path, say: Progress) -> BuiltKernel:
             _configure(plan, tree, env, log, say, verify_all=False)
             counts = _make_bzimage(tree, env, log, say)
         existing = load_entry(root / plan.key16, plan.key)
-        if existing is not None and existing.sha256 != sources.sha256_file(_image(tree)):
+        if existing is not None and existing.sha256 != paths.sha256_file(_image(tree)):
             say(f"note: the rebuilt base differs from the cached {existing.sha256[:12]} (kept)")
         seconds = time.monotonic() - t0
         kernel = existing or _publish(plan, root, work, tree, counts, "cold", seconds)
@@ -644,7 +644,7 @@ def _publish(
     shutil.copy2(image, staging / "bzImage")
     shutil.copy2(tree / ".config", staging / "config")
     shutil.copy2(work / "build.log", staging / "build.log")
-    digest = sources.sha256_file(staging / "bzImage")
+    digest = paths.sha256_file(staging / "bzImage")
     entry = root / plan.key16
     compiled = counts.compiled
     built: dict[str, Any] = {

@@ -30,6 +30,7 @@ from pathlib import Path
 from apflab.errors import CommandError, UsageError
 from apflab.kernel import cache
 from apflab.kernel.make import run_long
+from apflab.paths import sha256_file
 from apflab.process import run
 
 #: source name -> Debian package providing /usr/src/<package>.tar.xz
@@ -226,14 +227,6 @@ def _resolve_tarball(path: Path) -> SourceRef:
     return SourceRef(
         "tarball", str(path), path.name, f"sha256:{digest}", f"tar-{digest[:16]}", str(path)
     )
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _extract(tarball: Path, work: Path, progress: Progress) -> Path:

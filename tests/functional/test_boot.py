@@ -14,7 +14,7 @@ from apflab.errors import SSHError, VMLaunchError
 from apflab.host import leftovers
 from apflab.images.build import ensure
 from apflab.undo import UndoStack
-from apflab.vm import keys
+from apflab.vm import keys, snapshot
 from apflab.vm.qemu import BootSpec, Guest, GuestConfig
 from apflab.vm.ssh import SSH
 
@@ -127,3 +127,50 @@ class Boot(Test):
         self.assertNotEqual(err.exitcode, 0)
         self.assertIn("kernel", err.console_tail.lower())
         self.assertEqual(leftovers.find(undo.run_id), [])
+
+    def test_saved_boot(self) -> None:
+        """A saved boot restores the same guest, faster, from the same starting point
+        every time; each run gets its own key and the saved key is locked out."""
+        store_root = Path(self.workdir) / "saved-boots"
+        cfg = self.config(saved_boots=store_root)
+        undo = UndoStack(f"saved-{self.name.uid}")
+        with undo, Guest(cfg, Path(self.logdir) / "first", undo) as first:
+            self.assertEqual(first.boot_mode, "restored")
+            assert first.saved_boot is not None and first.boot_seconds is not None
+            cold_s = float(first.saved_boot["boot_seconds"])
+            uptime = float(first.run(["cat", "/proc/uptime"]).stdout.split()[0])
+            # the restored guest's clock went on from the save, it did not boot again
+            self.assertGreaterEqual(uptime, cold_s / 2, "the guest booted anew")
+            self.assertEqual(
+                first.run(["uname", "-r"]).stdout.strip(), self.image.manifest["kernel_release"]
+            )
+            saved = snapshot.Store(store_root).lookup(first.saved_boot["key"])
+            assert saved is not None
+            self.assertEqual(saved.directory.stat().st_mode & 0o777, 0o700)
+            self.assertEqual((saved.directory / "id_ed25519").stat().st_mode & 0o777, 0o600)
+            locked_out = SSH(
+                "127.0.0.1",
+                first.ssh_port,
+                "root",
+                saved.client_key().load(),
+                keys.parse_public_key(cfg.host_key),
+                "guest",
+            )
+            with self.assertRaises(SSHError):
+                locked_out.connect(timeout=30)
+            first.run(["sh", "-c", "echo first > /root/written-by-first; sync"])
+            first_key = first.client_key_path
+        undo2 = UndoStack(f"saved2-{self.name.uid}")
+        with undo2, Guest(cfg, Path(self.logdir) / "second", undo2) as second:
+            assert second.saved_boot is not None and second.boot_seconds is not None
+            self.assertEqual(second.saved_boot["key"], saved.key)
+            self.assertNotEqual(second.client_key_path, first_key)
+            seen = second.run(["ls", "/root"]).stdout.split()
+            self.assertNotIn("written-by-first", seen, "a run's writes leaked into the next")
+            self.log.info("cold boot %.1fs; restored in %.1fs", cold_s, second.boot_seconds)
+            self.whiteboard = f"cold {cold_s:.1f}s restored {second.boot_seconds:.1f}s"
+            self.assertLess(second.boot_seconds, cold_s, "restoring was not faster than booting")
+        self.assertEqual(
+            [d.name for d in store_root.iterdir() if not d.name.startswith(".")], [saved.key]
+        )
+        self.assertEqual(leftovers.find(undo.run_id) + leftovers.find(undo2.run_id), [])

@@ -43,6 +43,7 @@ L1_ENV = {
     "APFLAB_IMAGES": f"{ASSETS_MOUNT}/src/guest_images",
     "APFLAB_LOCKFILE": f"{ASSETS_MOUNT}/src/requirements.lock",
     "APFLAB_IN_LAB": "1",
+    "APFLAB_SAVED_BOOTS": "/var/lib/apflab/saved-boots",
     "APFLAB_LAB_SWAP_DEVICE": f"/dev/disk/by-id/virtio-{SERIALS['swap']}",
     "MPLBACKEND": "Agg",
 }

@@ -50,7 +50,7 @@ from apflab.run.scenario import Scenario
 from apflab.run.stall import StallWatch
 from apflab.run.workload import run_workload
 from apflab.undo import UndoStack
-from apflab.vm import guestinfo
+from apflab.vm import guestinfo, snapshot
 from apflab.vm.console import console_faults
 from apflab.vm.qemu import Guest, GuestConfig
 
@@ -111,6 +111,7 @@ def execute(scenario: Scenario, results: Path, run_id: str, emit: Emit) -> RunRe
         accel=scenario.accel,
         thp=spec.thp_for(cginfo.version),
         kernel_under_test=scenario.kernel is not None or scenario.kernel_spec() is not None,
+        saved_boots=snapshot.store_dir() if scenario.boot == "saved" else None,
     )
     try:
         with UndoStack(run_id) as undo:
@@ -237,6 +238,13 @@ class _Experiment:
         finally:
             rec.retries[vm.boot_retries.name] = vm.boot_retries.to_dict()
         rec.guest.boot_seconds = round(vm.boot_seconds or 0, 1)
+        rec.guest.boot_mode = vm.boot_mode
+        rec.guest.saved_boot = vm.saved_boot
+        if vm.saved_boot is not None:
+            self.emit(
+                f"          guest: saved boot {vm.saved_boot['key']} restored in "
+                f"{rec.guest.boot_seconds}s (its cold boot took {vm.saved_boot['boot_seconds']}s)"
+            )
         rec.guest.accel = vm.accel
         assert rec.kernel is not None
         rec.kernel.release = vm.run(["uname", "-r"]).stdout.strip()

@@ -77,6 +77,10 @@ class GuestFacts:
 
     accel: str = ""
     boot_seconds: float | None = None
+    #: "cold" (booted) or "restored" (from a saved boot: apflab.vm.snapshot)
+    boot_mode: str = "cold"
+    #: the saved boot restored: its key, cold boot_seconds, saved_at, memory_bytes
+    saved_boot: dict[str, object] | None = None
     #: the kernel under test did not boot the image: its console line ("" if it did)
     boot_failure: str = ""
     #: ...and that line was a panic (the kernel's own fault)

@@ -205,6 +205,14 @@ class Scenario:
         ),
     )
     cmdline: str = field(default="", metadata=opt("extra guest kernel command line"))
+    boot: str = field(
+        default="cold",
+        metadata=opt(
+            "saved: restore the guest from a saved boot (made by the first run of each "
+            "kernel and guest size, kept in the machine cache); cold: boot it every run",
+            choices=("saved", "cold"),
+        ),
+    )
     image: str = field(default="guest", metadata=opt("guest image recipe (guest_images/NAME)"))
     guest_memory: int = field(
         default=1024, metadata=opt("guest RAM", parse=int, unit="MB", check=positive)

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -46,7 +47,7 @@ from apflab.host import kvm
 from apflab.process import CmdResult, run
 from apflab.retry import POLICIES, Retrier
 from apflab.undo import KillProcess, RemoveEmptyDir, RemoveTree, UndoStack, process_start_time
-from apflab.vm import keys
+from apflab.vm import keys, snapshot
 from apflab.vm.console import ConsoleWatch, tail
 from apflab.vm.ssh import SSH, banner_ready
 
@@ -124,6 +125,9 @@ class GuestConfig:
     #: a panic on the console is fatal even after boot: for infrastructure VMs
     #: (the lab's L1); for a guest under test it is a finding about its kernel
     console_fatal_after_boot: bool = False
+    #: restore a saved boot from this store (:mod:`apflab.vm.snapshot`; made on
+    #: first use) instead of booting; None: boot every time
+    saved_boots: Path | None = None
 
 
 def free_tcp_port() -> int:
@@ -189,6 +193,12 @@ class Guest:
             retry_on = (BootTimeout,) if config.kernel_under_test else (BootTimeout, GuestPanic)
         self.boot_retries = Retrier(POLICIES["guest-boot"], retry_on)
         self.exitcode: int | None = None
+        #: how the guest came up: "cold" (booted) or "restored" (a saved boot)
+        self.boot_mode = "cold"
+        #: the saved boot it was restored from (its meta.json plus key), if any
+        self.saved_boot: dict[str, Any] | None = None
+        self._restoring: snapshot.SavedBoot | None = None
+        self._fixed_key: keys.ClientKey | None = None
 
     # -- public surface ----------------------------------------------------
     @property
@@ -284,11 +294,18 @@ class Guest:
         return self
 
     def start(self) -> None:
-        """Launch and wait until ready, under the ``guest-boot`` retry policy
-        (:mod:`apflab.retry`) when ``config.retry_boot``: a boot that got stuck
-        or panicked is tried again; every failed attempt is logged, kept in
-        :attr:`boot_retries`, and its console log kept apart
-        (``<name>-console.attemptN.log``)."""
+        """Launch and wait until ready: a saved boot restored when
+        ``config.saved_boots`` is set (:meth:`_start_saved`), else a cold boot."""
+        if self.config.saved_boots is None:
+            self._cold_start()
+        else:
+            self._start_saved(snapshot.Store(self.config.saved_boots))
+
+    def _cold_start(self) -> None:
+        """Boot under the ``guest-boot`` retry policy (:mod:`apflab.retry`) when
+        ``config.retry_boot``: a boot that got stuck or panicked is tried again;
+        every failed attempt is logged, kept in :attr:`boot_retries`, and its
+        console log kept apart (``<name>-console.attemptN.log``)."""
 
         def attempt(number: int) -> None:
             self.launch()
@@ -311,6 +328,108 @@ class Guest:
         tb: TracebackType | None,
     ) -> None:
         self.shutdown()
+
+    # -- saved boots (apflab.vm.snapshot) -------------------------------------
+    def _identity(self) -> dict[str, Any]:
+        cfg = self.config
+        if any(not d.readonly for d in cfg.disks):
+            raise VMError(f"{self.name}: a saved boot needs every extra disk read-only")
+        return snapshot.identity(
+            qemu_binary=cfg.qemu_binary,
+            kernel=cfg.boot.kernel,
+            initrd=cfg.boot.initrd,
+            cmdline=cfg.boot.cmdline,
+            root_host_key=cfg.host_key,
+            memory_mb=cfg.memory_mb,
+            cpus=cfg.cpus,
+            accel=self.accel,
+            cpu=self._cpu_model(),
+            extra=[*cfg.extra_args, *(f"{d.path}:{d.format}" for d in cfg.disks)],
+        )
+
+    def _start_saved(self, store: snapshot.Store) -> None:
+        """Restore the saved boot of this configuration, saving it first if
+        there is none.  A saved boot that fails to restore is dropped and made
+        again, once."""
+        ident = self._identity()
+        key = snapshot.key_of(ident)
+        saved = store.lookup(key)
+        if saved is not None:
+            try:
+                self._restore(saved)
+                return
+            except (snapshot.SnapshotError, BootTimeout) as err:
+                log.warning(
+                    "%s: saved boot %s did not restore (%s): saving anew", self.name, key, err
+                )
+                self.shutdown()
+                store.discard(key)
+        saved = self._save(store, key, ident)
+        self._restore(saved)
+
+    def _save(self, store: snapshot.Store, key: str, ident: dict[str, Any]) -> snapshot.SavedBoot:
+        """Boot cold (with the saved boot's own key), save the guest, stop it."""
+        with store.creating(key) as staging:
+            if staging is not None:
+                log.info("%s: no saved boot %s yet: booting to save one", self.name, key)
+                self._fixed_key = keys.generate_client_key(staging, f"apflab-saved-{key}")
+                try:
+                    self._cold_start()
+                    cold_s = self.boot_seconds or 0.0
+                    self.run(["sync"], timeout=60)
+                    self.qmp.cmd("stop")
+                    seconds = snapshot.save(self.qmp, staging / "memory.bin")
+                    disk = staging / "disk.qcow2"
+                    shutil.copyfile(self._overlays[self.config.root], disk)
+                    # backed by the root as named, not as resolved: inside the lab it
+                    # is a symlink to a disk whose /dev name may change between labs
+                    run(
+                        [
+                            *("qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "raw"),
+                            *("-b", os.path.abspath(self.config.root), str(disk)),
+                        ]
+                    )
+                    shutil.copyfile(self.console_log, staging / "console.log")
+                    snapshot.write_meta(staging, ident, cold_s)
+                    log.info(
+                        "%s: saved boot %s written in %.1fs (cold boot %.1fs)",
+                        self.name,
+                        key,
+                        seconds,
+                        cold_s,
+                    )
+                finally:
+                    self._fixed_key = None
+                    self.shutdown()
+                    self.boot_seconds = None
+        saved = store.lookup(key)
+        if saved is None:
+            raise snapshot.SnapshotError(f"{self.name}: saved boot {key} was not published")
+        return saved
+
+    def _restore(self, saved: snapshot.SavedBoot) -> None:
+        """Start QEMU on the saved state, then swap the saved key for the run's."""
+        saved.used()
+        self._restoring = saved
+        try:
+            self.launch()
+        finally:
+            self._restoring = None
+        run_key = self._client_key
+        self._client_key = saved.client_key()
+        self.wait_ready(timeout=120)
+        assert self.run_dir is not None and run_key is not None
+        self.ssh.put(self.run_dir / "authorized_keys", "/root/.ssh/authorized_keys", 0o600)
+        # the guest's clock stood still while it was saved
+        self.run(["date", "-u", "-s", f"@{time.time():.3f}"], timeout=30)
+        self.ssh.close()
+        self._ssh = None
+        self._client_key = run_key
+        self.boot_seconds = None
+        self.wait_ready(timeout=120)
+        shutil.copyfile(saved.console, self.log_dir / f"{self._log_prefix}-console.saved-boot.log")
+        self.boot_mode = "restored"
+        self.saved_boot = {"key": saved.key, **saved.meta()}
 
     def launch(self) -> None:
         """Start QEMU and complete the QMP handshake (does not wait for boot).
@@ -422,13 +541,18 @@ class Guest:
         run_dir.mkdir(mode=0o700)
         self.undo.push(RemoveTree(str(run_dir)))
         self.run_dir = run_dir
-        self._client_key = keys.generate_client_key(run_dir, f"apflab-{self.undo.run_id}")
+        self._client_key = self._fixed_key or keys.generate_client_key(
+            run_dir, f"apflab-{self.undo.run_id}"
+        )
         self.client_key_path = self._client_key.path
         (run_dir / "authorized_keys").write_text(self._client_key.public_line + "\n")
         self._overlays: dict[Path, Path] = {}
         for disk in (Disk(self.config.root, overlay=True), *self.config.disks):
             if disk.overlay:
-                self._overlays[disk.path] = self._make_overlay(disk)
+                source = disk
+                if self._restoring is not None and disk.path == self.config.root:
+                    source = Disk(self._restoring.disk, format="qcow2", overlay=True)
+                self._overlays[disk.path] = self._make_overlay(source)
 
     def _make_overlay(self, disk: Disk) -> Path:
         assert self.run_dir is not None
@@ -462,10 +586,13 @@ class Guest:
             dev += f",serial={disk.serial}"
         return ["-drive", opts, "-device", dev]
 
+    def _cpu_model(self) -> str:
+        return self.config.cpu or ("host" if self.accel == "kvm" else "max")
+
     def _build_argv(self) -> list[str]:
         cfg = self.config
         assert self.run_dir is not None
-        cpu = cfg.cpu or ("host" if self.accel == "kvm" else "max")
+        cpu = self._cpu_model()
         accel = "tcg,thread=multi" if self.accel == "tcg" else self.accel
         argv = [
             cfg.qemu_binary,
@@ -521,6 +648,8 @@ class Guest:
         for i, disk in enumerate((Disk(cfg.root, overlay=True), *cfg.disks)):
             argv += self._drive_args(disk, i)
         argv += list(cfg.extra_args)
+        if self._restoring is not None:
+            argv += ["-incoming", "defer"]
         return argv
 
     def _spawn(self) -> None:
@@ -585,7 +714,10 @@ class Guest:
                     ) from err
         self._qmp.settimeout(30)
         if self._before_start is not None:
-            self._before_start(self)
+            self._before_start(self)  # before a restore too: its memory is charged there
+        if self._restoring is not None:
+            seconds = snapshot.restore(self._qmp, self._restoring.memory)
+            log.info("%s: saved boot %s loaded in %.1fs", self.name, self._restoring.key, seconds)
         self._qmp.cmd("cont")
         status = self._qmp.cmd("query-status")
         log.info(

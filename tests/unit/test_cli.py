@@ -15,6 +15,8 @@ from apflab.regress import store
 F = Path(__file__).parent / "fixtures"
 #: the real stock-1 trace cut after its first 20,000 bytes (an interrupted copy)
 TRUNCATED = F / "traces" / "truncated-stock-1.trace.xz"
+#: small hand-written bad inputs (README.md there)
+BAD = F / "bad-input"
 
 
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -60,6 +62,22 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
         (["run", "--limit", "abc"], "'abc' is not an integer"),
         (["run", "--procs", "0"], "'0' must be > 0"),
         (["run", "--rounds", "-1"], "'-1' must be >= 0"),
+        (["run", "--guest-cpus", "0"], "'0' must be > 0"),
+        (["run", "--seed", "x"], "'x' is not an integer"),
+        (["run", "--boot", "warm"], "'warm' is not one of saved, cold"),
+        (["run", "--kernel", str(BAD / "empty")], "is not an x86 bzImage (only 0 bytes"),
+        (["run", "--kernel", "/etc/passwd"], "is not an x86 bzImage"),
+        (["run", "--patch", "/etc/passwd"], "is not a unified or git diff"),
+        (["kernel", "build", "--patch", "/etc/passwd"], "is not a unified or git diff"),
+        (["run", "--kernel-config", "/etc/passwd"], "is not a config line"),
+        (["run", "--kernel-config", str(BAD / "module.config")], "asks for a module"),
+        (["run", "--thresholds", "/etc/passwd"], "not readable JSON"),
+        (["run", "--thresholds", str(BAD / "thresholds-list.json")], "must hold a JSON object"),
+        (["run", "--thresholds", str(BAD / "thresholds-type.json")], "must be a number >= 0"),
+        (["analyze", "/bin/true"], "no kvm async-PF trace event"),
+        (["judge", "/etc"], "not a run's results dir"),
+        (["nightly", "--matrix", "/etc/passwd"], "not a yaml_to_mux variants file"),
+        (["nightly", "--matrix", str(BAD / "matrix-bad-value.yaml")], "'abc' is not an integer"),
     ],
 )
 def test_bad_input(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -68,6 +86,20 @@ def test_bad_input(argv: list[str], needle: str, capsys: pytest.CaptureFixture[s
     lines = [line for line in err.splitlines() if line.startswith("apflab")]
     assert len(lines) == 1, err
     assert needle in lines[0]
+
+
+@pytest.mark.parametrize("command", [["run"], ["boot"], ["lab", "up"], ["cleanup"], ["calibrate"]])
+def test_not_root(
+    command: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user who is not root is told so at once (the commands that only read files,
+    such as analyze and judge, work for anyone)."""
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    code, err = run_cli(command, capsys)
+    assert code == EXIT_USAGE
+    assert f"`apflab {command[0]}` needs root" in err
+    trace = F / "traces" / "stock-1-quirk.trace"
+    assert main(["analyze", str(trace)]) == 0
 
 
 def test_analyze_prints_the_contract_parts(capsys: pytest.CaptureFixture[str]) -> None:

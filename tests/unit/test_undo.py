@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from apflab import undo as u
-from apflab.errors import HostError
+from apflab.errors import HostError, PreflightError
+from apflab.host import swap
 
 
 def test_lifo_order_and_record_removed(tmp_path: Path) -> None:
@@ -137,3 +138,22 @@ def test_cleanup_leaves_live_runs_alone(tmp_path: Path) -> None:
 def test_unknown_action_kind_is_an_error() -> None:
     with pytest.raises(HostError):
         u.Action.from_dict({"kind": "launch-missiles"})
+
+
+def test_one_run_per_swap_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runs in one lab want its swap disk: the second is refused at once, naming
+    the first; once the first lets go, the device is free and no lock file is left."""
+    monkeypatch.setattr(swap, "LOCK_DIR", tmp_path / "lock")
+    device = tmp_path / "vdd"
+    device.write_bytes(b"")
+    first = u.UndoStack("run-first", persist=False)
+    swap.lock_device(str(device), first)
+    second = u.UndoStack("run-second", persist=False)
+    with pytest.raises(
+        PreflightError, match=r"in use by another apflab run \(pid \d+, run run-first\)"
+    ):
+        swap.lock_device(str(device), second)
+    first.unwind()
+    assert list((tmp_path / "lock").iterdir()) == []
+    swap.lock_device(str(device), second)
+    second.unwind()

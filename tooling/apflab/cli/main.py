@@ -4,6 +4,7 @@ error family maps to an exit code (:mod:`apflab.cli.exitcodes`)."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import traceback
@@ -31,6 +32,10 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     raise Terminated(signum)
 
 
+#: the commands that only read files: any user may run them
+NO_ROOT = frozenset({"analyze", "judge", "compare", "history", "doctor"})
+
+
 def build_parser() -> Parser:
     p = Parser(prog="apflab", description="KVM async page fault integration tests")
     p.add_argument("--version", action="version", version=f"apflab {__version__}")
@@ -55,6 +60,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)
     func: Callable[..., int] = args.func
+    if args.command not in NO_ROOT and os.geteuid() != 0:
+        print(
+            f"apflab: `apflab {args.command}` needs root (it drives cgroups, swap, tracefs, "
+            "KVM and the machine caches): run it as root, e.g. with sudo",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     try:
         return func(args)
     except UsageError as err:

@@ -6,6 +6,7 @@ are made, and are verified in /proc/swaps.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
@@ -106,8 +107,49 @@ def add_swap_file(path: Path, size_mb: int, undo: UndoStack, priority: int = 100
     return _activate(str(path), priority, undo)
 
 
+#: where the locks of swap devices in use live (one run per device at a time)
+LOCK_DIR = Path("/run/lock")
+
+
+def lock_device(device: str, undo: UndoStack) -> None:
+    """Hold the device for this run: a second run that wants it (two runs in one
+    lab) is refused at once, naming the holder, instead of failing in mkswap.
+    The lock dies with the process (flock), so a SIGKILLed run frees it; the lock
+    file is removed when the run lets go."""
+    real = os.path.realpath(device)
+    LOCK_DIR.mkdir(parents=True, exist_ok=True)
+    path = LOCK_DIR / f"apflab-swap-{Path(real).name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise PreflightError(
+                f"swap device {device} is in use by another apflab run ({holder}): one run "
+                "per swap device at a time; wait for it, or bring up another lab"
+            ) from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # its holder removed the file as we opened it: take the new one
+
+    def release() -> None:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()}, run {undo.run_id}".encode(), 0)
+    undo.callback(release, f"unlock {path}")
+
+
 def add_swap_device(device: str, undo: UndoStack, priority: int = 100) -> SwapArea:
     """Format and activate a whole block device we own (e.g. the lab's swap disk)."""
     if not Path(device).exists():
         raise PreflightError(f"swap device {device} does not exist")
+    lock_device(device, undo)
     return _activate(os.path.realpath(device), priority, undo)

@@ -43,8 +43,10 @@ def cells_of(matrix: Path) -> list[Cell]:
     :raises UsageError: the file is not a variants file, or a param is not a
         scenario option's valid value (one line)
     """
-    from avocado_varianter_yaml_to_mux import mux  # noqa: PLC0415  (Avocado: only here)
-    from avocado_varianter_yaml_to_mux import varianter_yaml_to_mux as loader  # noqa: PLC0415
+    # Avocado only here.  The loader first: importing mux first starts Avocado's plugin
+    # initialisation, which imports the loader, which needs mux complete (a cycle)
+    from avocado_varianter_yaml_to_mux import varianter_yaml_to_mux as loader  # noqa: PLC0415, I001
+    from avocado_varianter_yaml_to_mux import mux  # noqa: PLC0415
 
     try:
         tree = loader.create_from_yaml([str(matrix)])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -83,6 +84,9 @@ def run(
     point_latest(results_root, run_id)
     return doc
 
+
+#: how long a run inside L1 may take to clean up after SIGTERM (guest stop, swapoff)
+STOP_INNER_S = 90
 
 #: what L1 itself needs beside the guest (kernel, systemd, QEMU's own, page cache)
 L1_BASE_MB = 768
@@ -164,7 +168,8 @@ class _LabRun:
             inner += ["--results", L1_RESULTS, *self.inner.argv(file_dir=shipped.files)]
             try:
                 res = lab.run(inner, check=False, timeout=None, on_output=_indent(self.emit))
-            except BaseException as err:  # interrupted here: keep what L1 has so far
+            except BaseException as err:  # interrupted here: stop it, keep what it has
+                self._stop_inner(lab)
                 self._keep_partial(lab, err)
                 raise
             lab.run(["rm", "-rf", where], check=False)
@@ -172,6 +177,24 @@ class _LabRun:
             n = lab.fetch(f"{L1_RESULTS}/{self.run_id}", self.out)
             self.emit(f"          {n} file(s) copied back to {self.out}")
         return res.exit_status
+
+    def _stop_inner(self, lab: Lab | AttachedLab) -> None:
+        """SIGTERM the run inside L1 and wait for its cleanup (swap off, cgroup, guest):
+        closing our SSH channel does not stop it, and a lab that stays up would keep
+        an orphan holding its swap disk.  Best effort: L1 may be what failed."""
+        # "[ ]": the pattern does not match pkill's own command line
+        pattern = f"--run-id[ ]{self.run_id}"
+        try:
+            if lab.run(["pkill", "-TERM", "-f", "--", pattern], check=False, timeout=30).ok:
+                self.emit(f"          stopping the run in L1 ({self.run_id})")
+                deadline = time.monotonic() + STOP_INNER_S
+                while time.monotonic() < deadline:
+                    if not lab.run(["pgrep", "-f", "--", pattern], check=False, timeout=30).ok:
+                        return
+                    time.sleep(1)
+                log.warning("the run in L1 did not stop within %ds", STOP_INNER_S)
+        except ApflabError as stop_err:
+            log.warning("could not stop the run in L1: %s", stop_err)
 
     def _keep_partial(self, lab: Lab | AttachedLab, err: BaseException) -> None:
         """Fetch what the run in L1 has written so far (logs, the partial trace) and

@@ -33,6 +33,8 @@ from apflab.kernel import (
     KernelSpec,
     check_bzimage,
     default_base_config,
+    fragments,
+    patches,
 )
 from apflab.run.pressure import PressureSpec, check_sizes
 from apflab.run.workload import PATTERNS, WorkloadSpec
@@ -397,12 +399,27 @@ class Scenario:
                     opt.convert(value)
                 except ValueError as err:
                     raise UsageError(f"{opt.flag}: {err}") from None
+        self._check_files()
         if self.kernel is not None and self.kernel_spec() is not None:
             raise UsageError(
                 "--kernel names a built kernel; --patch, --kernel-config and --kernel-source "
                 "build one: give one or the other"
             )
         check_sizes(self.pressure_spec(), self.workload_spec().total_mb, self.guest_memory)
+
+    def _check_files(self) -> None:
+        """The content of the files given, before anything is built or booted: each
+        patch is a diff, each config fragment parses, the thresholds file loads."""
+        for patch in (*self.patch, *self.host_patch):
+            patches.read_patch(patch)
+        for fragment in (*self.kernel_config, *self.host_config):
+            try:
+                text = fragment.read_text()
+            except (OSError, UnicodeDecodeError) as err:
+                raise UsageError(f"config fragment {fragment}: cannot read it ({err})") from None
+            fragments.parse_fragment(text, str(fragment))
+        if self.thresholds is not None:
+            self.verdict_bounds(paths.in_lab())
 
     def verdict_bounds(self, in_lab: bool) -> Thresholds:
         """The bounds the verdict applies: the profile of where the guest ran, with

@@ -56,6 +56,10 @@ def format_bench(result: dict[str, Any]) -> str:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    if args.summarize is not None:
+        root = calibrate.summarize(args.summarize.resolve(), _emit)
+        print(f"calibration: {root / 'summary.md'}, {root / 'detection.md'}")
+        return EXIT_OK
     cells = calibrate.default_cells(args.delays, args.modes)
     if args.only:
         cells = [c for c in cells if c.name in args.only]
@@ -108,6 +112,12 @@ def register(sub: Any) -> None:
         help="apflab_ack= modes of the ack-faults kernel (empty: none)",
     )
     k.add_argument("--only", action="append", metavar="CELL", help="run only these cells")
+    k.add_argument(
+        "--summarize",
+        type=Path,
+        metavar="DIR",
+        help="run nothing: judge the runs of calibration DIR again and rewrite its tables",
+    )
     k.add_argument("--results", type=Path, default=Path("results"))
     k.set_defaults(func=cmd_calibrate)
 

@@ -198,7 +198,7 @@ class RunRecord:
             errors=list(d["errors"]),
             phases=dict(d["phases_s"]),
             retries=dict(d["retries"]),
-            started_at=d["started_at"],
+            started_at=d.get("started_at", ""),  # not in run.json before 2026-12-02
         )
 
 

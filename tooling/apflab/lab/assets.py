@@ -7,6 +7,8 @@ checkout into a small ext4 (``mke2fs -d``, about a second).
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,8 +17,20 @@ from apflab import paths
 from apflab.errors import LabError
 from apflab.images.ext4 import make_ext4
 from apflab.images.recipe import BuiltImage
+from apflab.process import run
 
-SERIALS = {"assets": "apflab-assets", "guest_root": "apflab-groot", "swap": "apflab-swap"}
+log = logging.getLogger(__name__)
+
+SERIALS = {
+    "assets": "apflab-assets",
+    "guest_root": "apflab-groot",
+    "swap": "apflab-swap",
+    "saved_boots": "apflab-saved",
+}
+#: where L1 keeps its saved boots (apflab.vm.snapshot): the saved-boots disk
+SAVED_BOOTS_MOUNT = "/var/lib/apflab/saved-boots"
+#: size of that disk (a sparse file in the machine cache)
+SAVED_BOOTS_DISK_MB = 16 << 10
 ASSETS_MOUNT = "/mnt/apflab"
 L1_RESULTS = "/root/results"
 #: where the kernels of `apflab lab up --kernel` are inside L1
@@ -43,7 +57,7 @@ L1_ENV = {
     "APFLAB_IMAGES": f"{ASSETS_MOUNT}/src/guest_images",
     "APFLAB_LOCKFILE": f"{ASSETS_MOUNT}/src/requirements.lock",
     "APFLAB_IN_LAB": "1",
-    "APFLAB_SAVED_BOOTS": "/var/lib/apflab/saved-boots",
+    "APFLAB_SAVED_BOOTS": SAVED_BOOTS_MOUNT,
     "APFLAB_LAB_SWAP_DEVICE": f"/dev/disk/by-id/virtio-{SERIALS['swap']}",
     "MPLBACKEND": "Agg",
 }
@@ -51,6 +65,29 @@ L1_ENV = {
 APFLAB_WRAPPER = """#!/bin/sh
 exec /opt/apflab/venv/bin/python -m apflab "$@"
 """
+
+
+def saved_boots_disk() -> Path | None:
+    """The machine's disk of L1 saved boots (made on first use), or None while another
+    lab has it open (QEMU's image lock): that lab's L2 boots are saved on L1's own
+    disk and lost with it.  The disk is a cache: L1 makes a new file system on it
+    when the old one does not mount."""
+    path = paths.cache_dir() / "lab-saved-boots.img"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        try:
+            with tmp.open("wb") as f:
+                f.truncate(SAVED_BOOTS_DISK_MB << 20)
+            run(["mke2fs", "-q", "-t", "ext4", "-L", "apflab-saved", "-F", tmp], timeout=120)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    probe = run(["qemu-img", "info", "-f", "raw", path], check=False, timeout=60)
+    if not probe.ok:
+        log.info("lab: the saved-boots disk is in use by another lab: this one keeps its own")
+        return None
+    return path
 
 
 def _copy_source(repo: Path, dest: Path) -> None:

@@ -14,7 +14,9 @@ What L1 gets, as virtio disks (by serial, see :data:`SERIALS`):
   and any kernel under test — so a code change never needs an image rebuild;
 * ``apflab-groot``: the cached guest root image, read-only (L2s boot from
   overlays over it);
-* ``apflab-swap``: a sparse raw disk for L1's swap (host memory pressure).
+* ``apflab-swap``: a sparse raw disk for L1's swap (host memory pressure);
+* ``apflab-saved``: the machine's saved L2 boots (:mod:`apflab.vm.snapshot`), an
+  ext4 disk in the machine cache kept from lab to lab (one lab at a time has it).
 
 Use::
 
@@ -38,7 +40,14 @@ from typing import Any
 from apflab import paths
 from apflab.errors import BootTimeout, GuestPanic, LabError
 from apflab.images.build import ensure
-from apflab.lab.assets import ASSETS_MOUNT, L1_ENV, SERIALS, build_assets
+from apflab.lab.assets import (
+    ASSETS_MOUNT,
+    L1_ENV,
+    SAVED_BOOTS_MOUNT,
+    SERIALS,
+    build_assets,
+    saved_boots_disk,
+)
 from apflab.process import CmdResult
 from apflab.undo import RemoveTree, UndoStack
 from apflab.vm.qemu import BootSpec, Disk, Guest, GuestConfig
@@ -128,6 +137,8 @@ class Lab:
         swap = work / "swap.img"
         with swap.open("wb") as f:
             f.truncate(self.config.swap_mb << 20)
+        saved = saved_boots_disk()
+        saved_boots = () if saved is None else (Disk(saved, serial=SERIALS["saved_boots"]),)
         self.timings["assets"] = time.monotonic() - t1
         cfg = GuestConfig(
             boot=(
@@ -148,6 +159,7 @@ class Lab:
                 Disk(assets, readonly=True, serial=SERIALS["assets"]),
                 Disk(guest_img.disk, readonly=True, serial=SERIALS["guest_root"]),
                 Disk(swap, serial=SERIALS["swap"], cache="none"),
+                *saved_boots,
             ),
             boot_timeout=self.config.boot_timeout,
             die_with_parent=not self.config.detached,
@@ -191,6 +203,7 @@ class Lab:
             vm.run(
                 ["mount", "-o", "ro", f"/dev/disk/by-id/virtio-{SERIALS['assets']}", ASSETS_MOUNT]
             )
+        self._mount_saved_boots()
         # kvm_amd is in modules-load.d, but make sure before checking.
         vm.run(["modprobe", "kvm_amd"], check=False)
         # exit 1 means problems: listed in the facts, and judged below
@@ -204,6 +217,20 @@ class Lab:
                 "L1's KVM lacks KVM_CAP_ASYNC_PF_INT (183): it cannot deliver async-PF "
                 f"page-ready interrupts (kvm: {kvm})"
             )
+
+    def _mount_saved_boots(self) -> None:
+        """Mount the machine's saved-boots disk if this lab has it (a new file system
+        when the old one does not mount: it is a cache)."""
+        vm = self.require_vm()
+        dev = f"/dev/disk/by-id/virtio-{SERIALS['saved_boots']}"
+        if not vm.run(["test", "-b", dev], check=False).ok:
+            return
+        vm.run(["mkdir", "-p", SAVED_BOOTS_MOUNT])
+        if vm.run(["mount", dev, SAVED_BOOTS_MOUNT], check=False).ok:
+            return
+        log.warning("lab: the saved-boots disk did not mount: making it anew (a cache)")
+        vm.run(["mkfs.ext4", "-q", "-F", "-L", "apflab-saved", dev], timeout=300)
+        vm.run(["mount", dev, SAVED_BOOTS_MOUNT])
 
     # -- use -----------------------------------------------------------------
     def require_vm(self) -> Guest:

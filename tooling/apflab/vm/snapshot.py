@@ -174,6 +174,7 @@ class Store:
             try:
                 yield staging
                 staging.rename(self.root / key)
+                os.sync()  # the lab's L1 may be stopped without unmounting its disks
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise

@@ -9,11 +9,11 @@ controls.yaml makes this one test the suite's positive and negative controls
 verdict.json and report.html land in the test's output dir.
 """
 
-import os
 from pathlib import Path
 
 from avocado import Test
 
+from apflab import paths
 from apflab.host import leftovers
 from apflab.run import dispatch
 from apflab.run.scenario import Scenario
@@ -31,7 +31,9 @@ class AsyncPfVerdict(Test):
         reason = self.params.get("expect_reason", default=None)
         min_async_pf = int(self.params.get("min_async_pf", default=0))
         scenario = Scenario.from_params(self.params)
-        run_id = f"apf-{self.name.uid}-{os.getpid()}".replace(";", "-")
+        # unique on this machine across nights (the store keys runs by machine and id;
+        # the runner numbers every test 1)
+        run_id = paths.new_run_id("apf")
         out = Path(self.outputdir)
         doc = dispatch.run(scenario, out, self.log.info, run_id=run_id)
         self.assertEqual(leftovers.find(run_id), [], "host changes left behind")

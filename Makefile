@@ -28,6 +28,7 @@ $(STAMP): requirements.lock requirements-dev.lock requirements-nodeps.txt setup.
 	command -v gcc >/dev/null || missing+=(gcc libc6-dev)
 	command -v setpriv >/dev/null || missing+=(util-linux)
 	command -v xz >/dev/null || missing+=(xz-utils)
+	command -v ssh >/dev/null || missing+=(openssh-client)
 	# kernel builds (apflab kernel build, the controls of make check)
 	command -v make >/dev/null || missing+=(make)
 	command -v bc >/dev/null || missing+=(bc)

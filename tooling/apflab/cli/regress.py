@@ -45,9 +45,23 @@ def _store_arg(p: argparse.ArgumentParser) -> None:
 def cmd_nightly(args: argparse.Namespace) -> int:
     from apflab.regress import nightly  # noqa: PLC0415  (heavy: see the top)
 
-    result = nightly.run_night(
-        args.matrix, args.samples, args.store, args.results, _emit, args.night, args.baseline
-    )
+    if args.hosts is not None:
+        from apflab.regress import remote  # noqa: PLC0415
+
+        result = remote.run_remote_night(
+            args.matrix,
+            args.samples,
+            args.hosts,
+            args.store,
+            args.results,
+            _emit,
+            args.night,
+            args.baseline,
+        )
+    else:
+        result = nightly.run_night(
+            args.matrix, args.samples, args.store, args.results, _emit, args.night, args.baseline
+        )
     write_trend(args.store, result.root)
     print(f"night {result.name}: {len(result.runs)} runs; results {result.root}")
     for f in result.findings:
@@ -107,6 +121,13 @@ def register(sub: Any) -> None:
         "--baseline",
         default=None,
         help="the matrix cell others are compared with (default: the first)",
+    )
+    n.add_argument(
+        "--hosts",
+        type=existing_file,
+        default=None,
+        help="spread the night over the KVM hosts of this JSON file (Avocado's remote "
+        "spawner; docs/scale.md)",
     )
     n.add_argument("--results", type=Path, default=Path("results"))
     _store_arg(n)

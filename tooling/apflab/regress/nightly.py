@@ -122,7 +122,7 @@ def run_night(
                     if "events" in doc:  # a real verdict (not a lab failure)
                         store.add(doc, root / cell.name / str(doc["run_id"]), name, cell.name)
         base = baseline or cells[0].name
-        comparisons = _compare_tonight(root, cells, base)
+        comparisons = compare_tonight(root, cells, base)
         findings = changes.detect(store.history())
     finally:
         store.close()
@@ -135,7 +135,7 @@ def _brief(doc: dict[str, Any]) -> dict[str, Any]:
     return {k: doc.get(k) for k in ("run_id", "verdict", "reason")}
 
 
-def _compare_tonight(root: Path, cells: list[Cell], base: str) -> dict[str, dict[str, Any]]:
+def compare_tonight(root: Path, cells: list[Cell], base: str) -> dict[str, dict[str, Any]]:
     names = [c.name for c in cells]
     if base not in names:
         raise UsageError(f"baseline cell {base!r} is not in the matrix ({', '.join(names)})")

@@ -571,7 +571,7 @@ def compare_tonight(root: Path, cells: list[nightly.Cell], base: str) -> dict[st
         if not has_runs(c)
     }
     if base not in out:
-        out.update(nightly._compare_tonight(root, [c for c in cells if has_runs(c)], base))
+        out.update(nightly.compare_tonight(root, [c for c in cells if has_runs(c)], base))
     return out
 
 

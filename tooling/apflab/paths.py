@@ -54,9 +54,16 @@ def repo_root() -> Path | None:
     return None
 
 
+#: in a copy of a checkout without its .git (the lab's assets disk): the commit copied
+COMMIT_FILE = ".apflab-commit"
+
+
 def repo_commit() -> str | None:
-    """The commit of the checkout apflab runs from (None: not a git checkout)."""
+    """The commit of the checkout apflab runs from (None: not a git checkout, nor a
+    copy of one that says which commit it is)."""
     repo = repo_root()
+    if repo is not None and (repo / COMMIT_FILE).is_file():
+        return (repo / COMMIT_FILE).read_text().strip() or None
     if repo is None or not (repo / ".git").exists():
         return None
     from apflab.process import run  # noqa: PLC0415  (process imports nothing of paths)

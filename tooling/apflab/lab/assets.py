@@ -98,6 +98,9 @@ def _copy_source(repo: Path, dest: Path) -> None:
             shutil.copytree(src, dest / item, ignore=ignore)
         elif src.is_file():
             shutil.copy2(src, dest / item)
+    commit = paths.repo_commit()
+    if commit is not None:  # a copy without .git still says what it is a copy of
+        (dest / paths.COMMIT_FILE).write_text(commit + "\n")
 
 
 def build_assets(staging: Path, out: Path, guest: BuiltImage, kernels: Sequence[Path]) -> Path:

@@ -86,6 +86,16 @@ class Hosts:
     user: str = "root"
     venv: str = ".venv"
     status_port: int = 28888
+    #: exported in each host's shell before anything runs (a lab VM as a host needs
+    #: the lab's environment: apflab.lab.assets.L1_ENV)
+    env: tuple[tuple[str, str], ...] = ()
+
+    def shell_prefix(self) -> list[str]:
+        """cd to the checkout, the venv, the environment: each an ``&&`` step."""
+        steps = [shlex.join(["cd", self.checkout]), shlex.join([".", f"{self.venv}/bin/activate"])]
+        if self.env:
+            steps.append("export " + " ".join(shlex.quote(f"{k}={v}") for k, v in self.env))
+        return steps
 
     def by_name(self, name: str) -> Host:
         return next(h for h in self.hosts if h.name == name)
@@ -143,7 +153,16 @@ def load_hosts(path: Path) -> Hosts:
         user=_shell_safe(str(doc.get("user", "root")), f"hosts file {path}: user"),
         venv=_shell_safe(str(doc.get("venv", ".venv")), f"hosts file {path}: venv"),
         status_port=int(doc.get("status_port", 28888)),
+        env=_env(doc.get("env", {}), path),
     )
+
+
+def _env(doc: object, path: Path) -> tuple[tuple[str, str], ...]:
+    if not isinstance(doc, dict) or not all(
+        isinstance(k, str) and k.isidentifier() and isinstance(v, str) for k, v in doc.items()
+    ):
+        raise UsageError(f"hosts file {path}: env maps variable names to strings")
+    return tuple(sorted(doc.items()))
 
 
 # -- the job's files ---------------------------------------------------------------
@@ -209,13 +228,7 @@ def setup_hook(hosts: Hosts) -> str:
 
     The shell is the same for every task of the slot, so ``cd`` and the venv stay.
     """
-    return " && ".join(
-        (
-            shlex.join(["cd", hosts.checkout]),
-            shlex.join([".", f"{hosts.venv}/bin/activate"]),
-            shlex.join(["apflab", "cleanup"]),
-        )
-    )
+    return " && ".join((*hosts.shell_prefix(), shlex.join(["apflab", "cleanup"])))
 
 
 def avocado_config(hosts: Hosts, live: Sequence[Host], files: JobFiles) -> str:
@@ -305,13 +318,7 @@ def probe_host(host: Host, files: JobFiles, hosts: Hosts, commit: str | None) ->
     """
     from apflab.process import run  # noqa: PLC0415  (base layer)
 
-    command = " && ".join(
-        (
-            shlex.join(["cd", hosts.checkout]),
-            shlex.join([".", f"{hosts.venv}/bin/activate"]),
-            shlex.join(["python3", "-c", PROBE]),
-        )
-    )
+    command = " && ".join((*hosts.shell_prefix(), shlex.join(["python3", "-c", PROBE])))
     out = run(ssh_argv(host, files, hosts, command), check=False, timeout=90)
     if not out.ok:
         last = (out.stderr.strip().splitlines() or ["no message"])[-1]

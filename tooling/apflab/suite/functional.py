@@ -86,7 +86,7 @@ def _kvm_tests(out: Path) -> list[dict[str, Any]]:
     argv = _avocado(out / "verdicts", [VERDICTS], ["-m", CONTROLS])
     print(f"== job kvm: {' '.join(argv)}", flush=True)
     subprocess.run(argv, cwd=_repo(), check=False)
-    others = ["--filter-by-tags", "kvm,-apf"]
+    others = ["--filter-by-tags", "kvm,-apf,-heavy"]
     argv = _avocado(out / "others", [SUITE], others)
     print(f"== job kvm: {' '.join(argv)}", flush=True)
     subprocess.run(argv, cwd=_repo(), check=False)

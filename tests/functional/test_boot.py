@@ -129,8 +129,9 @@ class Boot(Test):
         self.assertEqual(leftovers.find(undo.run_id), [])
 
     def test_saved_boot(self) -> None:
-        """A saved boot restores the same guest, faster, from the same starting point
-        every time; each run gets its own key and the saved key is locked out."""
+        """A saved boot restores the same guest (its clock goes on from the save) from
+        the same starting point every time; each run gets its own key and the saved
+        key is locked out."""
         store_root = Path(self.workdir) / "saved-boots"
         cfg = self.config(saved_boots=store_root)
         undo = UndoStack(f"saved-{self.name.uid}")
@@ -168,8 +169,8 @@ class Boot(Test):
             seen = second.run(["ls", "/root"]).stdout.split()
             self.assertNotIn("written-by-first", seen, "a run's writes leaked into the next")
             self.log.info("cold boot %.1fs; restored in %.1fs", cold_s, second.boot_seconds)
+            # how much faster is for make bench to say, not for a timed assertion here
             self.whiteboard = f"cold {cold_s:.1f}s restored {second.boot_seconds:.1f}s"
-            self.assertLess(second.boot_seconds, cold_s, "restoring was not faster than booting")
         self.assertEqual(
             [d.name for d in store_root.iterdir() if not d.name.startswith(".")], [saved.key]
         )

@@ -34,6 +34,8 @@ def format_full(doc: dict[str, Any]) -> str:
         ("analyzer peak RSS (MiB)", doc.get("analyzer_peak_rss_mib"), "bounded"),
         ("lost trace events", doc.get("lost_events"), "0"),
         ("observer overhead (on/off)", doc.get("observer_overhead_ratio"), "<= 1.05"),
+        ("guest boot, cold (s, median)", doc.get("boot_cold_s"), "-"),
+        ("guest boot, restored (s, median)", doc.get("boot_restored_s"), "< cold"),
     ]
     lines = [f"{'measure':36s} {'value':>12s}   goal"]
     lines += [f"{name:36s} {value!s:>12s}   {goal}" for name, value, goal in rows]

@@ -5,6 +5,10 @@
 * **cold run** (``--cold``) — a fresh clone with an empty image cache runs ``make run``;
 * **observer overhead** — the workload's wall time with tracing on ÷ off, runs
   interleaved (on, off, on, off, ...), ``samples`` of each, in one lab;
+* **boot modes** — in one lab, the L2 guest's boot with ``--boot cold`` and with
+  ``--boot saved`` (the first saved run makes the saved boot, the next ones restore
+  it), ``samples`` of each, interleaved; their verdicts and async-PF counts beside
+  the boot seconds, so a saved boot that judges differently shows here;
 * **analyzer** — parse + analyze events/s on a recorded trace, and the peak RSS of
   a process that analyses it (a fresh process: ``ru_maxrss`` is its own);
 * **lost events** — summed over every run above (the tracer's overrun + dropped).
@@ -89,6 +93,37 @@ def observer_overhead(results: Path, samples: int, emit: Emit) -> dict[str, Any]
     }
 
 
+def boot_modes(results: Path, samples: int, emit: Emit) -> dict[str, Any]:
+    """The guest's boot seconds (run.json) cold and restored, interleaved, in one lab;
+    the first saved run, which boots cold to make the saved boot, is kept apart."""
+    runs: dict[str, list[dict[str, Any]]] = {"cold": [], "saved": []}
+    with Batch(emit) as batch:
+        for i in range(samples + 1):
+            for mode in ("saved", "cold") if i else ("saved",):
+                root = results / f"boot-{mode}"
+                doc = batch.run(replace(Scenario(), boot=mode), root)
+                rec = root / str(doc.get("run_id")) / "run.json"
+                guest = json.loads(rec.read_text()).get("guest", {}) if rec.is_file() else {}
+                runs[mode].append(
+                    {
+                        "boot_mode": guest.get("boot_mode"),
+                        "boot_s": guest.get("boot_seconds"),
+                        "verdict": doc.get("verdict"),
+                        "async_pfs": (doc.get("events") or {}).get("not_present"),
+                        "ready_to_ack_p50_us": (
+                            (doc.get("latency_us") or {}).get("ready_to_ack") or {}
+                        ).get("p50"),
+                    }
+                )
+    restored = [r["boot_s"] for r in runs["saved"] if r["boot_mode"] == "restored" and r["boot_s"]]
+    cold = [r["boot_s"] for r in runs["cold"] if r["boot_s"]]
+    return {
+        "boot_cold_s": statistics.median(cold) if cold else None,
+        "boot_restored_s": statistics.median(restored) if restored else None,
+        "boot_runs": runs,
+    }
+
+
 def analyzer(trace: Path) -> dict[str, Any]:
     """Events/s (best of 3) and, in a fresh process, the peak RSS of one analysis."""
     rates = bench_analyzer(trace, repeat=3)
@@ -141,6 +176,7 @@ def bench(results: Path, trace: Path, samples: int, cold: bool, emit: Emit) -> d
     doc |= analyzer(trace)
     doc |= warm_run(root / "warm", emit)
     doc |= observer_overhead(root, samples, emit)
+    doc |= boot_modes(root, samples, emit)
     doc["lost_events"] = (doc["lost_events"] or 0) + doc["observer_lost_events"]
     if cold:
         doc |= cold_run(root, emit)

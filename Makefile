@@ -11,7 +11,7 @@ APFLAB := $(VENV)/bin/apflab
 RESULTS ?= $(CURDIR)/results
 STAMP := $(VENV)/.deps-$(shell cat requirements.lock requirements-dev.lock requirements-nodeps.txt setup.cfg | sha256sum | cut -c1-16)
 
-.PHONY: all deps lock images lint unit functional check check-faults check-heavy run bench calibrate cleanup doctor clean help
+.PHONY: all deps lock images lint unit functional check check-faults check-heavy check-host run bench calibrate cleanup doctor clean help
 all: help
 help:
 	@echo "make run    - full async-PF latency verdict on the default lab (exit 0 PASS,1 FAIL,2 INVALID,3 ERROR)"
@@ -94,6 +94,14 @@ check-faults: deps images
 check-heavy: deps images
 	$(APFLAB) cleanup
 	$(APFLAB) check-functional --only host --tags heavy --results $(RESULTS)
+	$(APFLAB) cleanup --check
+
+# the host-side controls (issue 13): L1 booted on host kernels apflab builds, one L1 per
+# variant of tests/functional/host_controls.yaml (so no lab may be up)
+check-host: deps images
+	$(APFLAB) cleanup
+	$(VENV)/bin/avocado --config tests/avocado.conf run --job-results-dir $(RESULTS)/check-host \
+	  --max-parallel-tasks 1 -m tests/functional/host_controls.yaml tests/functional/test_apf.py
 	$(APFLAB) cleanup --check
 
 run: deps images

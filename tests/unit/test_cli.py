@@ -80,7 +80,15 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
         (["nightly", "--matrix", str(BAD / "matrix-bad-value.yaml")], "'abc' is not an integer"),
     ],
 )
-def test_bad_input(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_input(
+    argv: list[str],
+    needle: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    # a runtime root of its own: a lab another apflab left up on this machine is not ours
+    monkeypatch.setenv("APFLAB_RUNTIME", str(tmp_path / "runtime"))
     code, err = run_cli(argv, capsys)
     assert code == EXIT_USAGE, err
     lines = [line for line in err.splitlines() if line.startswith("apflab")]

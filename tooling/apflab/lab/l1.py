@@ -138,7 +138,13 @@ class Lab:
         with swap.open("wb") as f:
             f.truncate(self.config.swap_mb << 20)
         saved = saved_boots_disk()
-        saved_boots = () if saved is None else (Disk(saved, serial=SERIALS["saved_boots"]),)
+        saved_boots = (
+            ()
+            if saved is None
+            # writeback: L1's sync must reach the file (a torn saved boot would fail
+            # every restore until it is dropped)
+            else (Disk(saved, serial=SERIALS["saved_boots"], cache="writeback"),)
+        )
         self.timings["assets"] = time.monotonic() - t1
         cfg = GuestConfig(
             boot=(

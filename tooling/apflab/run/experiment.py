@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import lzma
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict
@@ -76,6 +77,18 @@ def _thp_enabled(pid: int) -> bool | None:
     return None
 
 
+def _saved_boots(scenario: Scenario, emit: Emit) -> Path | None:
+    """Where this run's saved boots are, or None: a cold boot (``--boot cold``, or a
+    lab without its saved-boots disk, whose L1 root has no room for them)."""
+    if scenario.boot != "saved":
+        return None
+    store = snapshot.store_dir()
+    if paths.in_lab() and not os.path.ismount(store):
+        emit(f"          guest: {store} is not mounted in this lab: booting cold")
+        return None
+    return store
+
+
 def execute(scenario: Scenario, results: Path, run_id: str, emit: Emit) -> RunRecord:
     """Run the experiment and write the raw evidence under ``results``.
 
@@ -111,7 +124,7 @@ def execute(scenario: Scenario, results: Path, run_id: str, emit: Emit) -> RunRe
         accel=scenario.accel,
         thp=spec.thp_for(cginfo.version),
         kernel_under_test=scenario.kernel is not None or scenario.kernel_spec() is not None,
-        saved_boots=snapshot.store_dir() if scenario.boot == "saved" else None,
+        saved_boots=_saved_boots(scenario, emit),
     )
     try:
         with UndoStack(run_id) as undo:
@@ -335,7 +348,10 @@ def _guest_after(vm: Guest, rec: RunRecord) -> None:
     except ApflabError as err:
         g.after_error = f"guest did not answer after the workload: {err}"
         log.warning("%s", g.after_error)
-    g.console_faults = console_faults(vm.console_log)
+    # a restored guest's boot lines (a WARN of the kernel under test) are in the
+    # console of the boot it was saved from
+    consoles = [c for c in (vm.saved_console, vm.console_log) if c is not None]
+    g.console_faults = [line for c in consoles for line in console_faults(c)]
     g.reset = state != "running"
     # the console log sees hung-task reports even when SSH no longer works
     console = vm.console_log.read_text(errors="replace") if vm.console_log.exists() else ""

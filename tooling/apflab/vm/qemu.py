@@ -197,6 +197,8 @@ class Guest:
         self.boot_mode = "cold"
         #: the saved boot it was restored from (its meta.json plus key), if any
         self.saved_boot: dict[str, Any] | None = None
+        #: the console of the boot a restored guest was saved from (its boot lines)
+        self.saved_console: Path | None = None
         self._restoring: snapshot.SavedBoot | None = None
         self._fixed_key: keys.ClientKey | None = None
 
@@ -350,7 +352,9 @@ class Guest:
     def _start_saved(self, store: snapshot.Store) -> None:
         """Restore the saved boot of this configuration, saving it first if
         there is none.  A saved boot that fails to restore is dropped and made
-        again, once."""
+        again, once; if the fresh one fails too, the guest boots cold (the run
+        goes on; ``boot_mode`` says which it got).  A cold boot's own failures
+        (the kernel under test, the host) are not a saved boot's: they propagate."""
         ident = self._identity()
         key = snapshot.key_of(ident)
         saved = store.lookup(key)
@@ -358,14 +362,23 @@ class Guest:
             try:
                 self._restore(saved)
                 return
-            except (snapshot.SnapshotError, BootTimeout) as err:
-                log.warning(
-                    "%s: saved boot %s did not restore (%s): saving anew", self.name, key, err
-                )
-                self.shutdown()
-                store.discard(key)
-        saved = self._save(store, key, ident)
-        self._restore(saved)
+            except snapshot.SnapshotError as err:
+                self._abandon(store, key, f"saved boot {key} did not restore ({err}): saving anew")
+        try:
+            self._restore(self._save(store, key, ident))
+            return
+        except snapshot.SnapshotError as err:
+            self._abandon(store, key, f"the new saved boot {key} failed ({err})")
+        log.warning("%s: booting cold instead of from a saved boot", self.name)
+        self._cold_start()
+
+    def _abandon(self, store: snapshot.Store, key: str, why: str) -> None:
+        log.warning("%s: %s", self.name, why)
+        self.shutdown()
+        self.boot_seconds = None
+        self.boot_mode = "cold"
+        self.saved_boot = None
+        store.discard(key)
 
     def _save(self, store: snapshot.Store, key: str, ident: dict[str, Any]) -> snapshot.SavedBoot:
         """Boot cold (with the saved boot's own key), save the guest, stop it."""
@@ -374,23 +387,10 @@ class Guest:
                 log.info("%s: no saved boot %s yet: booting to save one", self.name, key)
                 self._fixed_key = keys.generate_client_key(staging, f"apflab-saved-{key}")
                 try:
-                    self._cold_start()
+                    self._cold_start()  # its failures are the boot's, not the save's
                     cold_s = self.boot_seconds or 0.0
-                    self.run(["sync"], timeout=60)
-                    self.qmp.cmd("stop")
-                    seconds = snapshot.save(self.qmp, staging / "memory.bin")
-                    disk = staging / "disk.qcow2"
-                    shutil.copyfile(self._overlays[self.config.root], disk)
-                    # backed by the root as named, not as resolved: inside the lab it
-                    # is a symlink to a disk whose /dev name may change between labs
-                    run(
-                        [
-                            *("qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "raw"),
-                            *("-b", os.path.abspath(self.config.root), str(disk)),
-                        ]
-                    )
-                    shutil.copyfile(self.console_log, staging / "console.log")
-                    snapshot.write_meta(staging, ident, cold_s)
+                    with snapshot.failing_as_snapshot_error("save"):
+                        seconds = self._write_saved(staging, ident, cold_s)
                     log.info(
                         "%s: saved boot %s written in %.1fs (cold boot %.1fs)",
                         self.name,
@@ -407,27 +407,56 @@ class Guest:
             raise snapshot.SnapshotError(f"{self.name}: saved boot {key} was not published")
         return saved
 
+    def _write_saved(self, staging: Path, ident: dict[str, Any], cold_s: float) -> float:
+        """Save the running guest into ``staging``; returns the migration's seconds."""
+        self.run(["sync"], timeout=60)
+        self.qmp.cmd("stop")
+        seconds = snapshot.save(self.qmp, staging / "memory.bin")
+        disk = staging / "disk.qcow2"
+        shutil.copyfile(self._overlays[self.config.root], disk)
+        # backed by the root as named, not as resolved: inside the lab it
+        # is a symlink to a disk whose /dev name may change between labs
+        run(
+            [
+                *("qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "raw"),
+                *("-b", os.path.abspath(self.config.root), str(disk)),
+            ]
+        )
+        shutil.copyfile(self.console_log, staging / "console.log")
+        snapshot.write_meta(staging, ident, cold_s)
+        return seconds
+
     def _restore(self, saved: snapshot.SavedBoot) -> None:
-        """Start QEMU on the saved state, then swap the saved key for the run's."""
+        """Start QEMU on the saved state, then swap the saved key for the run's.
+
+        :raises snapshot.SnapshotError: whatever went wrong (QEMU 7.2 exits when an
+            incoming migration fails, so QMP, SSH and OS errors all mean "this saved
+            boot does not restore here")
+        """
         saved.used()
-        self._restoring = saved
-        try:
-            self.launch()
-        finally:
-            self._restoring = None
-        run_key = self._client_key
-        self._client_key = saved.client_key()
-        self.wait_ready(timeout=120)
-        assert self.run_dir is not None and run_key is not None
-        self.ssh.put(self.run_dir / "authorized_keys", "/root/.ssh/authorized_keys", 0o600)
-        # the guest's clock stood still while it was saved
-        self.run(["date", "-u", "-s", f"@{time.time():.3f}"], timeout=30)
-        self.ssh.close()
-        self._ssh = None
-        self._client_key = run_key
-        self.boot_seconds = None
-        self.wait_ready(timeout=120)
-        shutil.copyfile(saved.console, self.log_dir / f"{self._log_prefix}-console.saved-boot.log")
+        run_key: keys.ClientKey | None = None
+        with snapshot.failing_as_snapshot_error("restore"):
+            self._restoring = saved
+            try:
+                self.launch()
+            finally:
+                self._restoring = None
+            run_key = self._client_key
+            self._client_key = saved.client_key()
+            try:
+                self.wait_ready(timeout=120)
+                assert self.run_dir is not None and run_key is not None
+                self.ssh.put(self.run_dir / "authorized_keys", "/root/.ssh/authorized_keys", 0o600)
+                # the guest's clock stood still while it was saved
+                self.run(["date", "-u", "-s", f"@{time.time():.3f}"], timeout=30)
+                self.ssh.close()
+                self._ssh = None
+            finally:
+                self._client_key = run_key
+            self.boot_seconds = None
+            self.wait_ready(timeout=120)
+        self.saved_console = self.log_dir / f"{self._log_prefix}-console.saved-boot.log"
+        shutil.copyfile(saved.console, self.saved_console)
         self.boot_mode = "restored"
         self.saved_boot = {"key": saved.key, **saved.meta()}
 
@@ -716,7 +745,10 @@ class Guest:
         if self._before_start is not None:
             self._before_start(self)  # before a restore too: its memory is charged there
         if self._restoring is not None:
+            # QEMU loads a file in its main loop and answers no QMP until done
+            self._qmp.settimeout(snapshot.MIGRATION_TIMEOUT_S)
             seconds = snapshot.restore(self._qmp, self._restoring.memory)
+            self._qmp.settimeout(30)
             log.info("%s: saved boot %s loaded in %.1fs", self.name, self._restoring.key, seconds)
         self._qmp.cmd("cont")
         status = self._qmp.cmd("query-status")

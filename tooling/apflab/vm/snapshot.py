@@ -58,6 +58,32 @@ class SnapshotError(VMError):
     """Saving or restoring a guest failed (the caller boots it cold instead)."""
 
 
+@contextlib.contextmanager
+def failing_as_snapshot_error(what: str) -> Iterator[None]:
+    """Any error of a save or a restore (QMP, SSH, OS, QEMU gone) as one
+    :class:`SnapshotError`, so the caller falls back instead of failing the run."""
+    try:
+        yield
+    except SnapshotError:
+        raise
+    except Exception as err:  # qemu.qmp, paramiko and OS errors are unrelated types
+        raise SnapshotError(f"saved boot: {what} failed: {type(err).__name__}: {err}") from err
+
+
+def drop_cache(path: Path) -> None:
+    """Write ``path`` out and drop it from the page cache: QEMU reads and writes
+    the memory file from inside the run's memory cgroup, and its cached pages
+    would be charged there (reclaimed under the limit, which a cold boot does not
+    have)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def store_dir() -> Path:
     """``$APFLAB_SAVED_BOOTS``, else ``<cache>/saved-boots`` (inside the lab the
     cache is read-only and the variable names a writable place)."""
@@ -128,6 +154,7 @@ def identity(
         "format": FORMAT,
         "qemu": qemu_version(qemu_binary),
         "host_kernel": Path("/proc/version").read_text().strip(),
+        "host_cpu": host_cpu(),
         "kernel_sha256": paths.sha256_file(kernel),
         "initrd_sha256": paths.sha256_file(initrd) if initrd is not None else None,
         "cmdline": cmdline,
@@ -138,6 +165,20 @@ def identity(
         "cpu": cpu,
         "extra": extra,
     }
+
+
+def host_cpu() -> str:
+    """The host CPU's model and flags (``-cpu host`` hands them to the guest)."""
+    model = flags = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == "model name" and not model:
+            model = value.strip()
+        elif name.strip() == "flags" and not flags:
+            flags = value.strip()
+        if model and flags:
+            break
+    return f"{model} | {hashlib.sha256(flags.encode()).hexdigest()[:16]}"
 
 
 def key_of(ident: dict[str, Any]) -> str:
@@ -189,7 +230,7 @@ class Store:
 
     def prune(self, keep: int = KEEP) -> None:
         saved = sorted(
-            (d for d in self.root.iterdir() if d.is_dir() and not d.name.startswith(".")),
+            (d for d in self.root.iterdir() if (d / "meta.json").is_file()),
             key=lambda d: d.stat().st_mtime,
             reverse=True,
         )
@@ -220,6 +261,7 @@ def save(qmp: QEMUMonitorProtocol, dest: Path) -> float:
         os.close(fd)  # QEMU holds its own copy
     qmp.cmd("migrate", uri="fd:apflab-save")
     _wait(qmp, "save")
+    drop_cache(dest)
     return time.monotonic() - t0
 
 
@@ -234,6 +276,7 @@ def restore(qmp: QEMUMonitorProtocol, src: Path) -> float:
         os.close(fd)
     qmp.cmd("migrate-incoming", uri="fd:apflab-restore")
     _wait(qmp, "restore")
+    drop_cache(src)
     return time.monotonic() - t0
 
 

@@ -156,7 +156,8 @@ def test_invariant_failure_beats_invalid_other() -> None:
 
 def test_invalid_other_beats_latency_fail() -> None:
     a = analysis("stock-1-quirk.trace")  # 11 async PFs, ready→ACK max 1665 µs
-    tight = Thresholds(latency_p99_us={"ready_to_ack": 1000})
+    # the p99 bound alone (the 11-sample excerpt's p10, 384 µs, is above the floor)
+    tight = Thresholds(latency_p10_us={}, latency_p99_us={"ready_to_ack": 1000})
     v = verdict.judge(a, good_evidence(hyp_before=0, hyp_after=11), tight)
     assert v.verdict == "INVALID" and "only 11 async PFs" in v.reason
     v = verdict.judge(

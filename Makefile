@@ -101,7 +101,7 @@ check-heavy: deps images
 check-host: deps images
 	$(APFLAB) cleanup
 	$(VENV)/bin/avocado --config tests/avocado.conf run --job-results-dir $(RESULTS)/check-host \
-	  --max-parallel-tasks 1 -m tests/functional/host_controls.yaml tests/functional/test_apf.py
+	  --max-parallel-tasks 1 --mux-yaml=tests/functional/host_controls.yaml tests/functional/test_apf.py
 	$(APFLAB) cleanup --check
 
 run: deps images

@@ -3,7 +3,7 @@
 The matrix is an Avocado yaml_to_mux variants file: each variant is a *cell*,
 its params are the scenario options (the apf test's params: ``patch``,
 ``kernel_source``, ``cmdline``, ``limit``, ...), so the same file drives
-``avocado run -m FILE tests/functional/test_apf.py``.  Every cell runs
+``avocado run tests/functional/test_apf.py -m FILE``.  Every cell runs
 ``samples`` times (interleaved: cell after cell, then again) through one lab
 (:class:`apflab.run.batch.Batch`); every run goes into the results store with the
 night's name; then tonight is compared with the baseline cell (apflab compare)

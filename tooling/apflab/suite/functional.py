@@ -72,31 +72,52 @@ def _repo() -> Path:
     return repo
 
 
-def run_host_job(out: Path, tags: str | None) -> list[dict[str, Any]]:
-    """Every test but the ``kvm`` and ``heavy`` ones, right here."""
-    filters = ["--filter-by-tags", tags or "-kvm,-heavy", "--filter-by-tags-include-empty"]
-    argv = _avocado(out, [SUITE], filters)
-    print(f"== job host: {' '.join(argv)}", flush=True)
-    subprocess.run(argv, cwd=_repo(), check=False)
-    return _load(out)
+def _job(argv: list[str], out: Path, failures: list[str]) -> list[dict[str, Any]]:
+    """One Avocado job; a job that ran no test at all (a bad argument, a variants
+    file it could not read) is a failure of the suite, never an empty pass."""
+    print(f"== job: {' '.join(argv)}", flush=True)
+    proc = subprocess.run(argv, cwd=_repo(), check=False, stderr=subprocess.PIPE, text=True)
+    sys.stderr.write(proc.stderr)
+    tests = _load(out)
+    if not tests:
+        why = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        failures.append(f"{out.name}: avocado exited {proc.returncode} and ran no test ({why})")
+    return tests
 
 
-def _kvm_tests(out: Path) -> list[dict[str, Any]]:
-    """The verdicts (test_apf.py x controls.yaml), then the other ``kvm`` tests."""
-    argv = _avocado(out / "verdicts", [VERDICTS], ["-m", CONTROLS])
-    print(f"== job kvm: {' '.join(argv)}", flush=True)
-    subprocess.run(argv, cwd=_repo(), check=False)
-    others = ["--filter-by-tags", "kvm,-apf,-heavy"]
-    argv = _avocado(out / "others", [SUITE], others)
-    print(f"== job kvm: {' '.join(argv)}", flush=True)
-    subprocess.run(argv, cwd=_repo(), check=False)
-    return _load(out / "verdicts") + _load(out / "others")
+def host_argv(out: Path, tags: str | None = None) -> list[str]:
+    """Job *host*: every test but the ``kvm`` and ``heavy`` ones."""
+    # "=": a filter such as -kvm would otherwise be read as an option
+    filters = [f"--filter-by-tags={tags or '-kvm,-heavy'}", "--filter-by-tags-include-empty"]
+    return _avocado(out, [SUITE], filters)
 
 
-def run_kvm_job(out: Path, notes: list[str]) -> list[dict[str, Any]]:
+def verdicts_argv(out: Path) -> list[str]:
+    """Job *kvm*, first part: test_apf.py x controls.yaml."""
+    # "=": --mux-yaml takes several files and would swallow the test as one
+    return _avocado(out, [VERDICTS], [f"--mux-yaml={CONTROLS}"])
+
+
+def others_argv(out: Path) -> list[str]:
+    """Job *kvm*, second part: the other ``kvm`` tests but the heavy ones."""
+    return _avocado(out, [SUITE], ["--filter-by-tags=kvm,-apf,-heavy"])
+
+
+def run_host_job(out: Path, tags: str | None, failures: list[str]) -> list[dict[str, Any]]:
+    return _job(host_argv(out, tags), out, failures)
+
+
+def _kvm_tests(out: Path, failures: list[str]) -> list[dict[str, Any]]:
+    """The verdicts, then the other ``kvm`` tests."""
+    verdicts = _job(verdicts_argv(out / "verdicts"), out / "verdicts", failures)
+    others = _job(others_argv(out / "others"), out / "others", failures)
+    return verdicts + others
+
+
+def run_kvm_job(out: Path, notes: list[str], failures: list[str]) -> list[dict[str, Any]]:
     """The kvm tests; through one lab kept up for the job when this host needs one."""
     if kvm.probe().usable or paths.in_lab():
-        return _kvm_tests(out)
+        return _kvm_tests(out, failures)
     if session.attach() is not None:
         raise UsageError("a lab is up already: `apflab lab down` first (the suite brings its own)")
     retrier = Retrier(POLICIES["lab-suite"], (LabError,))
@@ -105,12 +126,14 @@ def run_kvm_job(out: Path, notes: list[str]) -> list[dict[str, Any]]:
         job_dir = out if number == 1 else out.with_name(f"{out.name}-attempt{number}")
         up, lab = session.bring_up(LabConfig(), job_dir / "L1")
         print(f"== job kvm, lab {up.run_id} up in {lab.timings['l1_boot']:.1f}s", flush=True)
+        mark = len(failures)
         try:
-            results = _kvm_tests(job_dir)
+            results = _kvm_tests(job_dir, failures)
             alive = pid_alive(up.pid, up.start_time)
         finally:
             session.tear_down()
         if not alive:
+            del failures[mark:]  # that attempt's: the job runs again
             raise LabError(f"L1 (pid {up.pid}) died during the job; see {job_dir / 'L1'}")
         return results
 
@@ -165,11 +188,14 @@ def check_functional(results: Path, only: str | None = None, tags: str | None = 
     jobs: dict[str, list[dict[str, Any]]] = {}
     notes: list[str] = []
     print(f"check-functional: results in {root}; {kvm.probe().reason}", flush=True)
+    failures: list[str] = []
     if only in (None, "host"):
-        jobs["host"] = run_host_job(root / "host", tags)
+        jobs["host"] = run_host_job(root / "host", tags, failures)
     if only in (None, "kvm"):
-        jobs["kvm"] = run_kvm_job(root / "kvm", notes)
+        jobs["kvm"] = run_kvm_job(root / "kvm", notes, failures)
     ok, lines = merge(jobs)
+    ok = ok and not failures
+    lines += [f"FAILED job {f}" for f in failures]
     lines += [f"note: {n}" for n in notes]
     summary = "\n".join(lines)
     (root / "summary.txt").write_text(summary + "\n")

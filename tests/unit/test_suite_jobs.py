@@ -1,0 +1,50 @@
+"""The functional suite's Avocado jobs, as check-functional builds them, against the
+real Avocado of the venv: each must find its tests (a job whose arguments Avocado
+cannot read runs nothing, and that must fail the suite, never pass it)."""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from apflab.suite import functional
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _dry_run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    i = argv.index("run") + 1
+    return subprocess.run(
+        [*argv[:i], "--dry-run", *argv[i:]],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("job", "expect"),
+    [
+        (functional.host_argv, "test_boot.py:"),
+        (functional.verdicts_argv, "test_apf.py:AsyncPfVerdict.test_verdict;"),
+        (functional.others_argv, "test_nightly.py:"),
+    ],
+)
+def test_each_job_finds_its_tests(job, expect: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    proc = _dry_run(job(tmp_path / "job"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert expect in proc.stdout, proc.stdout[-2000:]
+    if job is functional.verdicts_argv:  # every control of controls.yaml is a variant
+        for variant in ("stock", "unpatched", "no_ack", "no_kvmapf", "late_ack"):
+            assert f"-{variant}-" in proc.stdout or f";{variant}" in proc.stdout, variant
+    if job is functional.host_argv:
+        assert "test_apf.py" not in proc.stdout and "test_remote_night" not in proc.stdout
+
+
+def test_a_job_that_runs_nothing_fails_the_suite(tmp_path: Path) -> None:
+    failures: list[str] = []
+    argv = functional._avocado(tmp_path / "job", ["tests/functional/test_apf.py"], ["-m"])
+    assert functional._job(argv, tmp_path / "job", failures) == []
+    assert len(failures) == 1 and "ran no test" in failures[0], failures

@@ -8,6 +8,7 @@ nothing twice, and the schema is at the newest version.
 
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 from avocado import Test
@@ -29,26 +30,37 @@ class PostgresStore(Test):
     def setUp(self) -> None:
         if not (PG_BIN / "postgres").is_file():
             self.fail(f"PostgreSQL 15 is not installed ({PG_BIN}): make deps installs it")
-        self.base = Path(self.workdir) / "pg"
+        # not under the test's workdir: the postgres user cannot enter Avocado's 0700
+        # results dirs, and the server's socket path must stay short (108 bytes)
+        self.base = Path(tempfile.mkdtemp(prefix="apflab-pg-", dir="/var/tmp"))
         self.data = self.base / "data"
-        self.base.mkdir()
         shutil.chown(self.base, "postgres", "postgres")
         self.pg("initdb", "-D", str(self.data), "-A", "trust", "-U", "apflab")
         options = f"-k {self.base} -c listen_addresses= -p {PORT}"
-        self.pg("pg_ctl", "-D", str(self.data), "-o", options, "-w", "start")
+        # -l: the server's output to a file (it would hold our pipes open for good)
+        log = str(self.base / "server.log")
+        self.pg("pg_ctl", "-D", str(self.data), "-l", log, "-o", options, "-w", "start")
         self.pg("createdb", "-h", str(self.base), "-p", PORT, "-U", "apflab", "apflab")
 
     def pg(self, tool: str, *args: str) -> None:
-        subprocess.run(
+        proc = subprocess.run(
             ["runuser", "-u", "postgres", "--", str(PG_BIN / tool), *args],
-            check=True,
             capture_output=True,
+            text=True,
             timeout=120,
+            check=False,
         )
+        if proc.returncode != 0:
+            raise RuntimeError(f"{tool} exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
 
     def tearDown(self) -> None:
-        if (self.data / "postmaster.pid").exists():
-            self.pg("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+        try:
+            if (self.data / "postmaster.pid").exists():
+                self.pg("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+        finally:
+            if (self.base / "server.log").exists():
+                shutil.copy2(self.base / "server.log", Path(self.logdir) / "postgres.log")
+            shutil.rmtree(self.base, ignore_errors=True)
 
     def test_same_history_as_sqlite(self) -> None:
         dirs = sorted(d for d in FIXTURES.iterdir() if (d / "verdict.json").is_file())

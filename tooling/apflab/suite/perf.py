@@ -96,15 +96,16 @@ def observer_overhead(results: Path, samples: int, emit: Emit) -> dict[str, Any]
 def boot_modes(results: Path, samples: int, emit: Emit) -> dict[str, Any]:
     """The guest's boot seconds (run.json) cold and restored, interleaved, in one lab;
     the first saved run, which boots cold to make the saved boot, is kept apart."""
-    runs: dict[str, list[dict[str, Any]]] = {"cold": [], "saved": []}
+    runs: dict[str, list[dict[str, Any]]] = {"first-saved": [], "cold": [], "saved": []}
     with Batch(emit) as batch:
         for i in range(samples + 1):
             for mode in ("saved", "cold") if i else ("saved",):
-                root = results / f"boot-{mode}"
+                kind = mode if i else "first-saved"  # it boots cold and saves first
+                root = results / f"boot-{kind}"
                 doc = batch.run(replace(Scenario(), boot=mode), root)
                 rec = root / str(doc.get("run_id")) / "run.json"
                 guest = json.loads(rec.read_text()).get("guest", {}) if rec.is_file() else {}
-                runs[mode].append(
+                runs[kind].append(
                     {
                         "boot_mode": guest.get("boot_mode"),
                         "boot_s": guest.get("boot_seconds"),

@@ -36,11 +36,7 @@ class Faults(RunControl):
         return doc
 
     def test_guest_qemu_killed_mid_workload(self) -> None:
-        proc = self.start(*PRESSURE_RUN)
-        run_id = self.wait_for(proc, r"apflab run (\S+):", 120).group(1)
-        self.wait_for(proc, r"workload \.\.\.", 600)
-        time.sleep(5)
-        qemu = self.qemu_of(run_id)
+        proc, run_id, qemu = self.start_mid_workload(*PRESSURE_RUN)
         os.kill(qemu, signal.SIGKILL)
         code = self.finish(proc, timeout=300)
         self.assertEqual(code, 3, "a dead guest QEMU is an infrastructure ERROR")
@@ -55,11 +51,7 @@ class Faults(RunControl):
         """
         :avocado: tags=heavy
         """
-        proc = self.start(*PRESSURE_RUN)
-        run_id = self.wait_for(proc, r"apflab run (\S+):", 120).group(1)
-        self.wait_for(proc, r"workload \.\.\.", 600)
-        time.sleep(5)
-        qemu = self.qemu_of(run_id)
+        proc, run_id, qemu = self.start_mid_workload(*PRESSURE_RUN)
         os.kill(qemu, signal.SIGSTOP)  # the whole VM freezes: no SSH, no QMP
         t0 = time.monotonic()
         code = self.finish(proc, timeout=400)
@@ -73,11 +65,7 @@ class Faults(RunControl):
         """
         :avocado: tags=heavy
         """
-        proc = self.start(*PRESSURE_RUN)
-        run_id = self.wait_for(proc, r"apflab run (\S+):", 120).group(1)
-        self.wait_for(proc, r"workload \.\.\.", 600)
-        time.sleep(5)
-        qemu = self.qemu_of(run_id)
+        proc, run_id, qemu = self.start_mid_workload(*PRESSURE_RUN)
         os.kill(proc.pid, signal.SIGKILL)
         self.finish(proc)
         deadline = time.monotonic() + 15

@@ -87,6 +87,17 @@ class RunControl(Test):
         self.assertEqual(len(found), 1, f"expected one QEMU of run {run_id}: {found}")
         return int(found[0].split()[1].rstrip(":"))
 
+    def start_mid_workload(
+        self, *args: str, settle: float = 5
+    ) -> tuple[subprocess.Popen[bytes], str, int]:
+        """Start ``apflab`` with ``args``, wait until its workload has run ``settle``
+        seconds; return the process, the run id and the guest's QEMU pid."""
+        proc = self.start(*args)
+        run_id = self.wait_for(proc, r"apflab run (\S+):", 120).group(1)
+        self.wait_for(proc, r"workload \.\.\.", 600)
+        time.sleep(settle)
+        return proc, run_id, self.qemu_of(run_id)
+
 
 class Interrupt(RunControl):
     """
@@ -159,11 +170,7 @@ class InterruptPressure(RunControl):
         ]
         if not self.kvm_usable():
             args += ["--accel", "tcg"]
-        proc = self.start(*args)
-        run_id = self.wait_for(proc, r"apflab run (\S+):", 120).group(1)
-        self.wait_for(proc, r"workload \.\.\.", 600)
-        time.sleep(10)
-        qemu_pid = self.qemu_of(run_id)
+        proc, run_id, qemu_pid = self.start_mid_workload(*args, settle=10)
         self.assertNotEqual(leftovers.find(run_id), [], "the run's cgroup/swap should exist now")
         os.kill(proc.pid, signal.SIGINT)
         code = self.finish(proc, timeout=300)

@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from apflab.regress import changes, compare
-from apflab.regress.store import MIGRATIONS, Store
+from apflab.regress.store import MIGRATIONS, Store, schema_version
 
 F = Path(__file__).parent / "fixtures" / "verdicts"
 INDEX: dict[str, str] = json.loads((F / "INDEX.json").read_text())
@@ -69,6 +70,36 @@ def test_import_is_idempotent_and_the_schema_current(store: Store, tmp_path: Pat
     assert again.version == len(MIGRATIONS)
     assert len(again.history()) == len(dirs)
     again.close()
+
+
+def test_a_version_1_store_is_migrated_and_keeps_its_runs(tmp_path: Path) -> None:
+    """A store written before host kernels were recorded (schema 1) opens as the
+    current schema: its runs are kept, their host kernel is unknown (None)."""
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        MIGRATIONS[0](conn)
+        schema_version.create(conn)
+        conn.execute(schema_version.insert().values(version=1))
+    engine.dispose()
+    doc = json.loads((runs_of("unpatched")[0] / "verdict.json").read_text())
+    with sa.create_engine(url).begin() as conn:  # a row as schema 1 wrote it
+        conn.execute(
+            sa.text(
+                "INSERT INTO runs (run_key, run_id, kernel, verdict, started_at) "
+                "VALUES ('old/r1', 'r1', 'old kernel', 'PASS', '2026-11-01T00:00:00Z')"
+            )
+        )
+    store = Store.open(url)
+    try:
+        assert store.version == len(MIGRATIONS) == 2
+        assert store.add(doc, runs_of("unpatched")[0], "n1")
+        rows = store.history()
+        assert [r["run_id"] for r in rows] == ["r1", doc["run_id"]]
+        assert rows[0]["host_kernel"] is None
+        assert rows[1]["host_kernel"] == doc["host_kernel"]  # the lab image's L1 kernel
+    finally:
+        store.close()
 
 
 def _night(store: Store, night: str, cell: str, kernel: str, n: int = 2) -> None:

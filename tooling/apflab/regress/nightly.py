@@ -5,9 +5,11 @@ its params are the scenario options (the apf test's params: ``patch``,
 ``kernel_source``, ``cmdline``, ``limit``, ...), so the same file drives
 ``avocado run tests/functional/test_apf.py -m FILE``.  Every cell runs
 ``samples`` times (interleaved: cell after cell, then again) through one lab
-(:class:`apflab.run.batch.Batch`); every run goes into the results store with the
-night's name; then tonight is compared with the baseline cell (apflab compare)
-and the whole history searched for changes (:mod:`apflab.regress.changes`).
+per L1 kernel (:class:`apflab.run.batch.Batch`; cells with ``host_source`` /
+``host_patch`` put the host kernel on an axis of the matrix); every run goes
+into the results store with the night's name; then tonight is compared with
+the baseline cell (apflab compare) and the whole history searched for changes
+(:mod:`apflab.regress.changes`).
 """
 
 from __future__ import annotations
@@ -114,8 +116,8 @@ def run_night(
     runs: list[dict[str, Any]] = []
     try:
         with Batch(emit) as batch:
-            for sample in range(1, samples + 1):
-                for cell in cells:
+            for group, sample in _order(cells, samples):
+                for cell in group:
                     emit(f"== night {name}: {cell.name} sample {sample}/{samples}")
                     doc = batch.run(cell.scenario, root / cell.name)
                     runs.append({"cell": cell.name, "sample": sample, **_brief(doc)})
@@ -129,6 +131,16 @@ def run_night(
     result = Night(name, root, runs, comparisons, findings)
     (root / "night.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
     return result
+
+
+def _order(cells: list[Cell], samples: int) -> list[tuple[list[Cell], int]]:
+    """The night's order: the cells grouped by L1 kernel (the host kernel axis: each
+    group boots one lab), and within a group sample 1 of every cell, then sample 2, ...
+    (so a slow drift of the machine spreads over all cells alike)."""
+    groups: dict[str, list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault(repr(cell.scenario.host_kernel_spec()), []).append(cell)
+    return [(group, n) for group in groups.values() for n in range(1, samples + 1)]
 
 
 def _brief(doc: dict[str, Any]) -> dict[str, Any]:

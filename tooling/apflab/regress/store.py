@@ -24,46 +24,70 @@ from apflab.errors import UsageError
 #: (metric, statistic) pairs kept per run, from verdict.json's latency_us
 STATISTICS = ("p10", "p50", "p90", "p99", "max")
 
+#: columns schema version 2 added: L1's kernel when the nested lab's KVM host is
+#: under test (verdict.json's ``host_kernel``; NULL on bare metal and in old rows)
+HOST_KERNEL_COLUMNS = ("host_kernel_release", "host_kernel_sha256", "host_kernel_json")
+
+
+def _tables(md: sa.MetaData, version: int) -> tuple[sa.Table, sa.Table]:
+    """The tables as schema ``version`` has them (the current one for queries,
+    older ones for the migrations that create them)."""
+    columns: list[sa.Column[Any]] = [
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("run_key", sa.String(200), nullable=False, unique=True),
+        sa.Column("run_id", sa.String(100), nullable=False),
+        sa.Column("night", sa.String(100)),
+        sa.Column("kernel", sa.String(200), nullable=False),
+        sa.Column("kernel_release", sa.String(100)),
+        sa.Column("kernel_sha256", sa.String(64)),
+        sa.Column("kernel_json", sa.Text),
+        sa.Column("scenario_json", sa.Text),
+        sa.Column("host", sa.String(200)),
+        sa.Column("in_lab", sa.Boolean),
+        sa.Column("apflab_commit", sa.String(64)),
+        sa.Column("started_at", sa.String(32)),
+        sa.Column("verdict", sa.String(16), nullable=False),
+        sa.Column("reason", sa.Text),
+        sa.Column("results_path", sa.Text),
+        sa.Column("imported_at", sa.String(32)),
+    ]
+    if version >= 2:
+        columns += [
+            sa.Column("host_kernel_release", sa.String(100)),
+            sa.Column("host_kernel_sha256", sa.String(64)),
+            sa.Column("host_kernel_json", sa.Text),
+        ]
+    run_table = sa.Table("runs", md, *columns)
+    metric_table = sa.Table(
+        "metrics",
+        md,
+        sa.Column("run", sa.Integer, sa.ForeignKey("runs.id"), primary_key=True),
+        sa.Column("metric", sa.String(64), primary_key=True),
+        sa.Column("statistic", sa.String(16), primary_key=True),
+        sa.Column("value", sa.Float, nullable=False),
+    )
+    return run_table, metric_table
+
+
 metadata = sa.MetaData()
-runs = sa.Table(
-    "runs",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("run_key", sa.String(200), nullable=False, unique=True),
-    sa.Column("run_id", sa.String(100), nullable=False),
-    sa.Column("night", sa.String(100)),
-    sa.Column("kernel", sa.String(200), nullable=False),
-    sa.Column("kernel_release", sa.String(100)),
-    sa.Column("kernel_sha256", sa.String(64)),
-    sa.Column("kernel_json", sa.Text),
-    sa.Column("scenario_json", sa.Text),
-    sa.Column("host", sa.String(200)),
-    sa.Column("in_lab", sa.Boolean),
-    sa.Column("apflab_commit", sa.String(64)),
-    sa.Column("started_at", sa.String(32)),
-    sa.Column("verdict", sa.String(16), nullable=False),
-    sa.Column("reason", sa.Text),
-    sa.Column("results_path", sa.Text),
-    sa.Column("imported_at", sa.String(32)),
-)
-metrics = sa.Table(
-    "metrics",
-    metadata,
-    sa.Column("run", sa.Integer, sa.ForeignKey("runs.id"), primary_key=True),
-    sa.Column("metric", sa.String(64), primary_key=True),
-    sa.Column("statistic", sa.String(16), primary_key=True),
-    sa.Column("value", sa.Float, nullable=False),
-)
+runs, metrics = _tables(metadata, 2)
 schema_version = sa.Table("schema_version", metadata, sa.Column("version", sa.Integer))
 
 
 def _v1(conn: sa.Connection) -> None:
-    for table in (runs, metrics):
-        table.create(conn)
+    _tables(md := sa.MetaData(), 1)
+    md.create_all(conn)
+
+
+def _v2(conn: sa.Connection) -> None:
+    for name in HOST_KERNEL_COLUMNS:
+        col = runs.c[name]
+        kind = col.type.compile(dialect=conn.dialect)
+        conn.execute(sa.text(f"ALTER TABLE runs ADD COLUMN {name} {kind}"))
 
 
 #: schema version N is reached by applying MIGRATIONS[N - 1]
-MIGRATIONS: Sequence[Callable[[sa.Connection], None]] = (_v1,)
+MIGRATIONS: Sequence[Callable[[sa.Connection], None]] = (_v1, _v2)
 
 
 def _migrate(conn: sa.Connection) -> int:
@@ -167,6 +191,7 @@ class Store:
             r["metrics"] = by_run.get(r["id"], {})
             r["kernel_facts"] = json.loads(r.pop("kernel_json") or "null")
             r["scenario"] = json.loads(r.pop("scenario_json") or "null")
+            r["host_kernel"] = json.loads(r.pop("host_kernel_json") or "null")
         return rows
 
     def kernels(self) -> list[str]:
@@ -177,13 +202,18 @@ class Store:
 
 def kernel_label(doc: dict[str, Any]) -> str:
     """A kernel's name in the store: its release, plus the patches and boot
-    parameters that make it another kernel."""
+    parameters that make it another kernel; and L1's kernel when it was built
+    (``on host RELEASE PATCHES``: host-side KVM under test)."""
     k = doc.get("kernel") or {}
     parts = [str(k.get("release"))]
     parts += [Path(p["path"]).stem for p in k.get("patches") or []]
     scenario = doc.get("scenario") or {}
     if scenario.get("cmdline"):
         parts.append(str(scenario["cmdline"]))
+    hk = doc.get("host_kernel") or {}
+    if hk.get("sha256"):  # built by apflab (not the lab image's own kernel)
+        parts += ["on host", str(hk.get("release"))]
+        parts += [Path(p["path"]).stem for p in hk.get("patches") or []]
     return " ".join(parts)
 
 
@@ -196,6 +226,7 @@ def _run_row(
     doc: dict[str, Any], key: str, results: Path, night: str | None, kernel: str | None
 ) -> dict[str, Any]:
     k = doc.get("kernel") or {}
+    hk = doc.get("host_kernel") or {}
     host = doc.get("host") or {}
     run_id = str(doc["run_id"])
     return {
@@ -215,4 +246,7 @@ def _run_row(
         "reason": doc.get("reason"),
         "results_path": str(results.resolve()),
         "imported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host_kernel_release": hk.get("release"),
+        "host_kernel_sha256": hk.get("sha256"),
+        "host_kernel_json": json.dumps(hk) if hk else None,
     }

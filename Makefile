@@ -97,11 +97,14 @@ check-heavy: deps images
 	$(APFLAB) cleanup --check
 
 # the host-side controls (issue 13): L1 booted on host kernels apflab builds, one L1 per
-# variant of tests/functional/host_controls.yaml (so no lab may be up)
+# variant of tests/functional/host_controls.yaml (so no lab may be up), then a night
+# with the host kernel as its axis (tests/functional/host_night.yaml)
 check-host: deps images
 	$(APFLAB) cleanup
 	$(VENV)/bin/avocado --config tests/avocado.conf run --job-results-dir $(RESULTS)/check-host \
 	  --max-parallel-tasks 1 --mux-yaml=tests/functional/host_controls.yaml tests/functional/test_apf.py
+	$(VENV)/bin/avocado --config tests/avocado.conf run --job-results-dir $(RESULTS)/check-host \
+	  --max-parallel-tasks 1 --filter-by-tags=host_kernel tests/functional/test_nightly.py
 	$(APFLAB) cleanup --check
 
 run: deps images

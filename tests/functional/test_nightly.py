@@ -1,9 +1,13 @@
-"""A one-cell night: the matrix machinery end to end on a real run.
+"""Nights end to end on real runs.
 
-``apflab nightly`` on a one-variant matrix (the unpatched build, one round of the
-workload, one sample): the run lands in a SQLite store, ``apflab history`` finds it,
-the trend report and its xunit are written, and a second import of the same run
-stores nothing twice.
+``OneCellNight`` (make check): ``apflab nightly`` on a one-variant matrix (the
+unpatched build, one round of the workload, one sample): the run lands in a SQLite
+store, ``apflab history`` finds it, the trend report and its xunit are written, and a
+second import of the same run stores nothing twice.
+
+``HostKernelNight`` (make check-host; it boots L1 on its own host kernels, so no lab
+may be up): tests/functional/host_night.yaml, the host kernel as the axis: a host
+whose KVM delays each page-ready by 2 ms must FAIL against the unpatched host build.
 """
 
 import json
@@ -21,12 +25,8 @@ kernel: !mux
 """
 
 
-class OneCellNight(Test):
-    """
-    :avocado: tags=nightly,kvm
-    """
-
-    timeout = 1200
+class Night(Test):
+    """Runs ``apflab`` and logs what it said."""
 
     def apflab(self, *args: str) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
@@ -36,6 +36,14 @@ class OneCellNight(Test):
             "apflab %s -> %d\n%s\n%s", args, proc.returncode, proc.stdout, proc.stderr[-3000:]
         )
         return proc
+
+
+class OneCellNight(Night):
+    """
+    :avocado: tags=nightly,kvm
+    """
+
+    timeout = 1200
 
     def test_one_cell_night(self) -> None:
         work = Path(self.workdir)
@@ -71,3 +79,49 @@ class OneCellNight(Test):
         again = self.apflab("history", "--store", store, "--import", str(root / "unpatched"))
         self.assertIn("imported 0 run(s), 1 already stored", again.stderr)
         self.whiteboard = f"night-1: {doc['runs'][0]['reason']}"
+
+
+HOST_NIGHT = Path(__file__).with_name("host_night.yaml")
+
+
+class HostKernelNight(Night):
+    """
+    :avocado: tags=nightly,host_kernel,heavy
+    """
+
+    timeout = 3600
+
+    def test_delayed_page_ready_host_fails_against_the_unpatched_host(self) -> None:
+        work = Path(self.workdir)
+        store = str(work / "apflab.db")
+        night = self.apflab(
+            "nightly",
+            "--matrix",
+            str(HOST_NIGHT),
+            "--samples",
+            "4",
+            "--store",
+            store,
+            "--results",
+            str(work / "results"),
+        )
+        roots = sorted((work / "results").glob("night-*"))
+        self.assertEqual(len(roots), 1, night.stdout + night.stderr)
+        doc = json.loads((roots[0] / "night.json").read_text())
+        verdicts: dict[str, list[str]] = {}
+        for r in doc["runs"]:
+            verdicts.setdefault(r["cell"], []).append(r["verdict"])
+        self.log.info("verdicts %s", verdicts)
+        self.assertEqual(verdicts["host_unpatched"], ["PASS"] * 4, doc["runs"])
+        self.assertNotIn("ERROR", verdicts["host_ready_delayed_2ms"], doc["runs"])
+        cmp = doc["comparisons"]["host_ready_delayed_2ms"]
+        slower = {(c["metric"], c["statistic"]) for c in cmp["changes"] if c["verdict"] == "FAIL"}
+        self.whiteboard = f"{cmp['verdict']}: {cmp['reason']}"
+        self.assertEqual(cmp["verdict"], "FAIL", cmp["reason"])
+        self.assertIn("not_present_to_ready", {m for m, _ in slower}, cmp["reason"])
+        self.assertNotEqual(night.returncode, 0, "a regression tonight must fail the night")
+        rows = json.loads(self.apflab("history", "--store", store, "--json").stdout)
+        patched = [r for r in rows if r["kernel"] == "host_ready_delayed_2ms"]
+        self.assertEqual(len(patched), 4)
+        names = [Path(p["path"]).name for p in patched[0]["host_kernel"]["patches"]]
+        self.assertEqual(names, ["delay-page-ready.patch", "delay-page-ready-2000us.patch"])

@@ -102,8 +102,10 @@ def test_a_version_1_store_is_migrated_and_keeps_its_runs(tmp_path: Path) -> Non
         store.close()
 
 
-def _night(store: Store, night: str, cell: str, kernel: str, n: int = 2) -> None:
-    for d in runs_of(cell)[:n]:
+def _night(
+    store: Store, night: str, cell: str, kernel: str, n: int = 2, skip: int = 0
+) -> None:
+    for d in runs_of(cell)[skip : skip + n]:
         doc = json.loads((d / "verdict.json").read_text())
         doc["run_id"] = f"{doc['run_id']}-{night}"  # the same real run, recorded nightly
         store.add(doc, d, night, kernel)
@@ -123,4 +125,25 @@ def test_a_step_is_a_regression_from_its_first_night(store: Store) -> None:
 def test_noise_is_not_a_regression(store: Store) -> None:
     for i, cell in enumerate(["unpatched"] * 8, 1):
         _night(store, f"2026-11-{i:02d}", cell, "K", n=1 + i % 2)
+    assert changes.detect(store.history()) == []
+
+
+def test_a_second_night_with_a_longer_delay_is_a_regression_of_that_night(store: Store) -> None:
+    """Two nights of three runs each: the late-ACK kernel's delay made longer (500 us,
+    then 1 ms) is a regression named by the second night, with its three runs."""
+    _night(store, "2026-11-01", "delay-500us", "late_ack", n=3)
+    _night(store, "2026-11-02", "delay-1000us", "late_ack", n=3)
+    found = changes.detect(store.history())
+    slow = [f for f in found if f.kind == "latency regression" and f.metric == "ready_to_ack"]
+    assert slow, [f.detail for f in found]
+    assert slow[0].first_night == "2026-11-02"
+    assert len(slow[0].runs) == 3
+    assert not [f for f in found if f.kind == "new FAIL"]  # it failed on both nights
+
+
+def test_distinct_runs_of_one_kernel_over_nights_are_not_a_regression(store: Store) -> None:
+    """Five different unpatched runs spread over three nights: noise, no finding."""
+    _night(store, "2026-11-01", "unpatched", "K", n=2)
+    _night(store, "2026-11-02", "unpatched", "K", n=2, skip=2)
+    _night(store, "2026-11-03", "unpatched", "K", n=1, skip=4)
     assert changes.detect(store.history()) == []

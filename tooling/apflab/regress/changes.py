@@ -4,8 +4,8 @@ Two kinds of finding, in this order (the first matter most):
 
 * **PASS → FAIL** — a kernel whose runs passed on earlier nights and fails on a
   later one: the first such night and its failing runs;
-* **latency regression** — for each kernel and metric, the per-night medians of its
-  runs' statistic, split by E-divisive means (the Hunter/Otava change-point method,
+* **latency regression** — for each kernel and metric, its runs' statistic in time
+  order (night by night), split by E-divisive means (the Hunter/Otava change-point method,
   ``otava.analysis.compute_change_points``): a change point where the level goes
   *up* by more than :attr:`Rules.min_magnitude` is a regression, named by the first
   night of the new level and the runs that show it.  A slow drift shows as a
@@ -67,16 +67,18 @@ def new_fails(kernel: str, rows: Sequence[Mapping[str, Any]]) -> list[Finding]:
 
 
 def regressions(kernel: str, rows: Sequence[Mapping[str, Any]], rules: Rules) -> list[Finding]:
-    """Change points upward in each watched metric's per-night median."""
-    nights = _by_night(rows)
+    """Change points upward in each watched metric, run by run in time order (nights in
+    order, a night's runs by start time): a second night is already judged against the
+    first, and a change point inside a night names that night."""
     out: list[Finding] = []
     for metric in WATCHED:
-        series: list[tuple[str, float, list[str]]] = []
-        for night, runs in nights.items():
-            values = [r["metrics"][metric] for r in runs if metric in r["metrics"]]
-            if values:
-                series.append((night, statistics.median(values), [str(r["run_id"]) for r in runs]))
-        if len(series) < 3:
+        series = [
+            (night, float(r["metrics"][metric]), str(r["run_id"]))
+            for night, runs in _by_night(rows).items()
+            for r in sorted(runs, key=lambda r: str(r.get("started_at") or ""))
+            if metric in r["metrics"]
+        ]
+        if len({night for night, _, _ in series}) < 2 or len(series) < 4:
             continue
         points, _ = compute_change_points(
             [v for _, v, _ in series], window_len=rules.window, max_pvalue=rules.max_pvalue
@@ -87,10 +89,11 @@ def regressions(kernel: str, rows: Sequence[Mapping[str, Any]], rules: Rules) ->
             after = statistics.median(v for _, v, _ in series[i:])
             rise = after / before - 1 if before > 0 else 0.0
             if rise > rules.min_magnitude:
-                night, _, run_ids = series[i]
+                night = series[i][0]
+                run_ids = [run_id for n, _, run_id in series[i:] if n == night]
                 detail = (
-                    f"{metric} per-night median {before:.0f} -> {after:.0f} us (+{rise:.0%}) "
-                    f"from night {night}"
+                    f"{metric} median {before:.0f} -> {after:.0f} us (+{rise:.0%}) over "
+                    f"{i} run(s) before and {len(series) - i} from night {night}"
                 )
                 out.append(Finding("latency regression", kernel, metric, night, run_ids, detail))
     return out

@@ -11,12 +11,13 @@ APFLAB := $(VENV)/bin/apflab
 RESULTS ?= $(CURDIR)/results
 STAMP := $(VENV)/.deps-$(shell cat requirements.lock requirements-dev.lock requirements-nodeps.txt setup.cfg | sha256sum | cut -c1-16)
 
-.PHONY: all deps lock images lint unit functional check check-faults check-heavy check-host run bench calibrate cleanup doctor clean help
+.PHONY: all deps lock images lint unit functional check check-faults check-heavy check-night check-host run bench calibrate cleanup doctor clean help
 all: help
 help:
 	@echo "make run    - full async-PF latency verdict on the default lab (exit 0 PASS,1 FAIL,2 INVALID,3 ERROR)"
 	@echo "make check  - deps + lint + unit + functional tests"
-	@echo "make deps | images | lint | unit | functional | bench | cleanup | doctor | lock | clean"
+	@echo "make check-faults | check-heavy | check-night | check-host - the heavy tiers (README: Test tiers)"
+	@echo "make deps | images | lint | unit | functional | bench | calibrate | cleanup | doctor | lock | clean"
 
 deps: $(STAMP)
 $(STAMP): requirements.lock requirements-dev.lock requirements-nodeps.txt setup.cfg
@@ -94,6 +95,14 @@ check-faults: deps images
 check-heavy: deps images
 	$(APFLAB) cleanup
 	$(APFLAB) check-functional --only host --tags heavy --results $(RESULTS)
+	$(APFLAB) cleanup --check
+
+# two full nights (tests/functional/nightly.yaml: 3 kernels x 3 samples, then the late
+# ACK made longer): flags, comparisons, a regression named by its night, the trend report
+check-night: deps images
+	$(APFLAB) cleanup
+	$(VENV)/bin/avocado --config tests/avocado.conf run --job-results-dir $(RESULTS)/check-night \
+	  --max-parallel-tasks 1 --filter-by-tags=night_full tests/functional/test_nightly.py
 	$(APFLAB) cleanup --check
 
 # the host-side controls (issue 13): L1 booted on host kernels apflab builds, one L1 per

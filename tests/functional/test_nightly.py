@@ -5,6 +5,11 @@ unpatched build, one round of the workload, one sample): the run lands in a SQLi
 store, ``apflab history`` finds it, the trend report and its xunit are written, and a
 second import of the same run stores nothing twice.
 
+``FullNight`` (make check-night): tests/functional/nightly.yaml, three kernels x three
+samples, then a second night with the late ACK made longer (1 ms -> 3 ms): the two
+broken kernels are flagged on the first night and not the unpatched one, and the
+second night is a latency regression of the late-ACK kernel named by that night.
+
 ``HostKernelNight`` (make check-host; it boots L1 on its own host kernels, so no lab
 may be up): tests/functional/host_night.yaml, the host kernel as the axis: a host
 whose KVM delays each page-ready by 2 ms must FAIL against the unpatched host build.
@@ -79,6 +84,71 @@ class OneCellNight(Night):
         again = self.apflab("history", "--store", store, "--import", str(root / "unpatched"))
         self.assertIn("imported 0 run(s), 1 already stored", again.stderr)
         self.whiteboard = f"night-1: {doc['runs'][0]['reason']}"
+
+
+NIGHTLY = Path(__file__).with_name("nightly.yaml")
+
+
+class FullNight(Night):
+    """
+    :avocado: tags=nightly,night_full,heavy
+    """
+
+    timeout = 5400
+
+    def night(self, matrix: Path, name: str) -> tuple[subprocess.CompletedProcess[str], dict]:  # type: ignore[type-arg]
+        work = Path(self.workdir)
+        proc = self.apflab(
+            "nightly",
+            "--matrix",
+            str(matrix),
+            "--samples",
+            "3",
+            "--night",
+            name,
+            "--store",
+            str(work / "apflab.db"),
+            "--results",
+            str(work / "results"),
+        )
+        roots = sorted((work / "results").glob(f"night-{name}-*"))
+        self.assertEqual(len(roots), 1, proc.stdout + proc.stderr)
+        for f in ("trend.html", "trend.xml", "night.json"):
+            self.assertTrue((roots[0] / f).is_file(), f"no {f}")
+        doc = json.loads((roots[0] / "night.json").read_text())
+        self.log.info("night %s: %s", name, (roots[0] / "trend.html"))
+        return proc, doc
+
+    def test_two_nights(self) -> None:
+        first, doc = self.night(NIGHTLY, "night-1")
+        verdicts: dict[str, list[str]] = {}
+        for r in doc["runs"]:
+            verdicts.setdefault(r["cell"], []).append(r["verdict"])
+        self.assertEqual(
+            verdicts,
+            {"unpatched": ["PASS"] * 3, "no_ack": ["FAIL"] * 3, "late_ack": ["FAIL"] * 3},
+            doc["runs"],
+        )
+        flagged = {f["kernel"] for f in doc["findings"] if f["first_night"] == "night-1"}
+        self.assertEqual(flagged, {"no_ack", "late_ack"}, doc["findings"])
+        self.assertEqual(doc["comparisons"]["no_ack"]["verdict"], "FAIL")
+        self.assertEqual(doc["comparisons"]["late_ack"]["verdict"], "FAIL")
+        self.assertNotEqual(first.returncode, 0, "two broken kernels must fail the night")
+        longer = Path(self.workdir) / "nightly-longer.yaml"
+        longer.write_text(
+            NIGHTLY.read_text().replace("apflab_ack=delay:1000", "apflab_ack=delay:3000")
+        )
+        second, doc2 = self.night(longer, "night-2")
+        slow = [
+            f
+            for f in doc2["findings"]
+            if f["kind"] == "latency regression" and f["first_night"] == "night-2"
+        ]
+        self.assertEqual({f["kernel"] for f in slow}, {"late_ack"}, doc2["findings"])
+        self.assertIn("ready_to_ack", {f["metric"] for f in slow})
+        self.assertIn("NEW latency regression: late_ack", second.stdout)
+        self.assertNotEqual(second.returncode, 0)
+        self.whiteboard = "; ".join(f["detail"] for f in slow)
 
 
 HOST_NIGHT = Path(__file__).with_name("host_night.yaml")

@@ -102,9 +102,7 @@ def test_a_version_1_store_is_migrated_and_keeps_its_runs(tmp_path: Path) -> Non
         store.close()
 
 
-def _night(
-    store: Store, night: str, cell: str, kernel: str, n: int = 2, skip: int = 0
-) -> None:
+def _night(store: Store, night: str, cell: str, kernel: str, n: int = 2, skip: int = 0) -> None:
     for d in runs_of(cell)[skip : skip + n]:
         doc = json.loads((d / "verdict.json").read_text())
         doc["run_id"] = f"{doc['run_id']}-{night}"  # the same real run, recorded nightly
@@ -138,7 +136,15 @@ def test_a_second_night_with_a_longer_delay_is_a_regression_of_that_night(store:
     assert slow, [f.detail for f in found]
     assert slow[0].first_night == "2026-11-02"
     assert len(slow[0].runs) == 3
-    assert not [f for f in found if f.kind == "new FAIL"]  # it failed on both nights
+    # it failed on both nights: flagged from its first night, not as a new FAIL
+    assert [(f.kind, f.first_night) for f in found if "FAIL" in f.kind] == [("FAIL", "2026-11-01")]
+
+
+def test_a_kernel_that_passes_again_is_not_flagged(store: Store) -> None:
+    _night(store, "2026-11-01", "unpatched", "K", n=2)
+    _night(store, "2026-11-02", "delay-500us", "K", n=2)
+    _night(store, "2026-11-03", "unpatched", "K", n=2, skip=2)
+    assert not [f for f in changes.detect(store.history()) if "FAIL" in f.kind]
 
 
 def test_distinct_runs_of_one_kernel_over_nights_are_not_a_regression(store: Store) -> None:

@@ -3,7 +3,9 @@
 Two kinds of finding, in this order (the first matter most):
 
 * **PASS → FAIL** — a kernel whose runs passed on earlier nights and fails on a
-  later one: the first such night and its failing runs;
+  later one: the first such night and its failing runs (``new FAIL``); a kernel that
+  has failed since its first night is named too (``FAIL``, from that night), so a
+  broken kernel is flagged on the night it joins the matrix;
 * **latency regression** — for each kernel and metric, its runs' statistic in time
   order (night by night), split by E-divisive means (the Hunter/Otava change-point method,
   ``otava.analysis.compute_change_points``): a change point where the level goes
@@ -53,17 +55,25 @@ def _by_night(rows: Iterable[Mapping[str, Any]]) -> dict[str, list[Mapping[str, 
 
 
 def new_fails(kernel: str, rows: Sequence[Mapping[str, Any]]) -> list[Finding]:
-    """The first night a kernel that had passed fails (a night fails if any run does)."""
+    """The night a kernel's current run of failing nights began (a night fails if any
+    of its runs does): ``new FAIL`` when the kernel had passed before that night, ``FAIL``
+    when it has failed since its first night; nothing when its last night passed."""
     passed_before = False
+    start: tuple[str, list[Mapping[str, Any]], int, bool] | None = None
     for night, runs in _by_night(rows).items():
         fails = [r for r in runs if r["verdict"] == "FAIL"]
-        if fails and passed_before:
-            detail = f"{len(fails)} of {len(runs)} runs FAIL: {fails[0]['reason']}"
-            return [
-                Finding("new FAIL", kernel, None, night, [str(r["run_id"]) for r in fails], detail)
-            ]
+        if not fails:
+            start = None
+        elif start is None:
+            start = (night, fails, len(runs), passed_before)
         passed_before = passed_before or all(r["verdict"] == "PASS" for r in runs)
-    return []
+    if start is None:
+        return []
+    night, fails, total, had_passed = start
+    kind = "new FAIL" if had_passed else "FAIL"
+    since = "" if had_passed else " (it has failed since its first night)"
+    detail = f"{len(fails)} of {total} runs FAIL{since}: {fails[0]['reason']}"
+    return [Finding(kind, kernel, None, night, [str(r["run_id"]) for r in fails], detail)]
 
 
 def regressions(kernel: str, rows: Sequence[Mapping[str, Any]], rules: Rules) -> list[Finding]:

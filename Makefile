@@ -94,7 +94,7 @@ check-faults: deps images
 
 check-heavy: deps images
 	$(APFLAB) cleanup
-	$(APFLAB) check-functional --only host --tags heavy --results $(RESULTS)
+	$(APFLAB) check-functional --only host --tags heavy,-night_full,-host_kernel --results $(RESULTS)
 	$(APFLAB) cleanup --check
 
 # two full nights (tests/functional/nightly.yaml: 3 kernels x 3 samples, then the late

@@ -39,7 +39,7 @@ class Rules:
 
 @dataclass(frozen=True)
 class Finding:
-    kind: str  # "new FAIL" | "latency regression"
+    kind: str  # "new FAIL" | "FAIL" (since its first night) | "latency regression"
     kernel: str
     metric: str | None
     first_night: str
@@ -48,10 +48,17 @@ class Finding:
 
 
 def _by_night(rows: Iterable[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    """The runs of each night, nights in time order (by their first run's start; the
+    night's name breaks ties, so "night-10" after "night-9" when they ran so)."""
     out: dict[str, list[Mapping[str, Any]]] = {}
     for r in rows:
         out.setdefault(str(r["night"]), []).append(r)
-    return dict(sorted(out.items()))
+
+    def began(item: tuple[str, list[Mapping[str, Any]]]) -> tuple[str, str]:
+        night, runs = item
+        return (min(str(r.get("started_at") or "") for r in runs), night)
+
+    return dict(sorted(out.items(), key=began))
 
 
 def new_fails(kernel: str, rows: Sequence[Mapping[str, Any]]) -> list[Finding]:
@@ -63,7 +70,8 @@ def new_fails(kernel: str, rows: Sequence[Mapping[str, Any]]) -> list[Finding]:
     for night, runs in _by_night(rows).items():
         fails = [r for r in runs if r["verdict"] == "FAIL"]
         if not fails:
-            start = None
+            if any(r["verdict"] == "PASS" for r in runs):
+                start = None  # it passed again (a night of INVALID/ERROR only says nothing)
         elif start is None:
             start = (night, fails, len(runs), passed_before)
         passed_before = passed_before or all(r["verdict"] == "PASS" for r in runs)

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from apflab import paths
+from apflab import kernel, paths
 from apflab.errors import UsageError
 from apflab.regress import changes, compare
 from apflab.regress.store import Store
@@ -109,6 +109,10 @@ def run_night(
     baseline: str | None = None,
 ) -> Night:
     cells = cells_of(matrix)
+    check_cells(cells, emit)
+    base = baseline or cells[0].name
+    if base not in {c.name for c in cells}:  # now, not after the night
+        raise UsageError(f"baseline cell {base!r} is not in the matrix")
     name = night or time.strftime("%Y-%m-%d", time.gmtime())
     root = results.resolve() / paths.new_run_id(f"night-{name}")
     root.mkdir(parents=True)
@@ -123,7 +127,6 @@ def run_night(
                     runs.append({"cell": cell.name, "sample": sample, **_brief(doc)})
                     if "events" in doc:  # a real verdict (not a lab failure)
                         store.add(doc, root / cell.name / str(doc["run_id"]), name, cell.name)
-        base = baseline or cells[0].name
         comparisons = compare_tonight(root, cells, base)
         findings = changes.detect(store.history())
     finally:
@@ -131,6 +134,22 @@ def run_night(
     result = Night(name, root, runs, comparisons, findings)
     (root / "night.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
     return result
+
+
+def check_cells(cells: list[Cell], emit: Emit) -> None:
+    """Every cell's input, before anything boots: its scenario, and each kernel it
+    builds (sources, patches that apply, config symbols; :func:`apflab.kernel.check`).
+
+    :raises UsageError: one line naming the cell and what is wrong
+    """
+    for cell in cells:
+        try:
+            cell.scenario.validate()
+            for spec in (cell.scenario.kernel_spec(), cell.scenario.host_kernel_spec()):
+                if spec is not None:
+                    kernel.check(spec, emit)
+        except UsageError as err:
+            raise UsageError(f"matrix cell {cell.name}: {err}") from None
 
 
 def _order(cells: list[Cell], samples: int) -> list[tuple[list[Cell], int]]:

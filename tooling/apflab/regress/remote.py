@@ -610,6 +610,7 @@ def run_remote_night(
 ) -> nightly.Night:
     """:func:`apflab.regress.nightly.run_night`, its runs spread over the hosts."""
     cells = nightly.cells_of(matrix)
+    nightly.check_cells(cells, emit)
     base = baseline or cells[0].name
     if base not in {c.name for c in cells}:
         raise UsageError(f"baseline cell {base!r} is not in the matrix")

@@ -17,8 +17,9 @@ from types import TracebackType
 from typing import Any
 
 from apflab import paths
-from apflab.errors import ApflabError
+from apflab.errors import ApflabError, UsageError
 from apflab.host import kvm
+from apflab.kernel import KernelBuildError
 from apflab.lab import session
 from apflab.lab.l1 import LabConfig
 from apflab.run import dispatch
@@ -49,38 +50,52 @@ class Batch:
             session.tear_down()
 
     def run(self, scenario: Scenario, results: Path, run_id: str | None = None) -> dict[str, Any]:
-        """One run; an L1 failure is this run's ERROR, and a fresh lab serves the next."""
-        config, sha256 = self.lab_config, None
-        if self.needs_lab:
-            config, sha256 = self._lab_for(scenario)
-            self._ensure_lab(config, sha256)
+        """One run; an L1 failure is this run's ERROR, and the next run gets a fresh lab.
+
+        :raises UsageError: bad input (callers check every scenario first), or a lab the
+            user left up runs another L1 kernel than the run needs (left untouched)
+        """
         try:
+            if self.needs_lab:
+                self._ensure_lab(scenario)
             return dispatch.run(scenario, results, self.emit, run_id=run_id)
+        except UsageError:
+            raise
+        except KernelBuildError as err:  # the kernel under test did not build: not the lab
+            line = str(err).splitlines()[0]
+            return {"run_id": run_id, "verdict": "ERROR", "reason": f"kernel build: {line}"}
         except ApflabError as err:
             if not self.needs_lab:
                 raise
             line = str(err).splitlines()[0]
-            self.emit(f"== the lab failed ({line}); bringing up a fresh one")
+            self.emit(f"== the lab failed ({line}); the next run gets a fresh one")
             session.tear_down()
-            session.bring_up(config, host_kernel_sha256=sha256)
-            self.owned = True
+            self.owned = False
             return {"run_id": run_id, "verdict": "ERROR", "reason": f"lab: {line}"}
 
-    def _lab_for(self, scenario: Scenario) -> tuple[LabConfig, str | None]:
-        """The lab ``scenario`` runs in: L1 on its host kernel (built here), or the default."""
+    def _ensure_lab(self, scenario: Scenario) -> None:
+        """A lab up on the L1 kernel ``scenario`` asks for (built here; none: the lab
+        image's kernel): the one that is up, or one this batch brings up."""
+        config, sha256 = self.lab_config, None
         spec = scenario.host_kernel_spec()
-        if spec is None:
-            return self.lab_config, None
-        built = ensure_built(spec, self.emit)
-        return replace(self.lab_config, kernel=built.bzimage), built.sha256
-
-    def _ensure_lab(self, config: LabConfig, sha256: str | None) -> None:
-        """A lab up on the L1 kernel ``sha256`` (None: the lab image's kernel)."""
+        if spec is not None:
+            built = ensure_built(spec, self.emit)
+            config, sha256 = replace(config, kernel=built.bzimage), built.sha256
         if session.LabSession.path().is_file():
-            current = session.LabSession.load().host_kernel_sha256
-            if current == sha256 or not self.owned:
-                return  # the right lab; or the user's, which the run itself checks
-            self.emit("== the next run needs another L1 kernel: replacing the lab")
+            if not self.owned:
+                current = session.LabSession.load().host_kernel_sha256  # UsageError: gone
+                if current != sha256:
+                    raise UsageError(
+                        "the lab that is up runs another L1 kernel than this run asks for "
+                        "(host_source/host_patch/host_config): `apflab lab down` first"
+                    )
+                return
+            try:
+                if session.LabSession.load().host_kernel_sha256 == sha256:
+                    return
+                self.emit("== the next run needs another L1 kernel: replacing the lab")
+            except UsageError as err:  # our own lab's QEMU is gone
+                self.emit(f"== {err}; bringing up a fresh lab")
             session.tear_down()
         session.bring_up(config, host_kernel_sha256=sha256)
         self.owned = True

@@ -46,11 +46,22 @@ VERDICTS = "tests/functional/test_apf.py"
 BAD = {"FAIL", "ERROR", "INTERRUPTED", "WARN"}
 
 
-def _avocado(results_dir: Path, tests: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
+#: a job's time limit: make check's jobs, and the heavy tiers' (check-heavy and the like
+#: hold tests of up to 90 min each)
+JOB_TIMEOUT_S = 3600
+HEAVY_JOB_TIMEOUT_S = 4 * 3600
+
+
+def _avocado(
+    results_dir: Path,
+    tests: Sequence[str],
+    extra: Sequence[str] = (),
+    timeout: int = JOB_TIMEOUT_S,
+) -> list[str]:
     return [
         str(Path(sys.executable).with_name("avocado")),
         *("--config", CONFIG, "run", "--job-results-dir", str(results_dir)),
-        *("--max-parallel-tasks", "1", "--job-timeout", "3600"),
+        *("--max-parallel-tasks", "1", "--job-timeout", str(timeout)),
         *extra,
         *tests,
     ]
@@ -89,7 +100,7 @@ def host_argv(out: Path, tags: str | None = None) -> list[str]:
     """Job *host*: every test but the ``kvm`` and ``heavy`` ones."""
     # "=": a filter such as -kvm would otherwise be read as an option
     filters = [f"--filter-by-tags={tags or '-kvm,-heavy'}", "--filter-by-tags-include-empty"]
-    return _avocado(out, [SUITE], filters)
+    return _avocado(out, [SUITE], filters, JOB_TIMEOUT_S if tags is None else HEAVY_JOB_TIMEOUT_S)
 
 
 def verdicts_argv(out: Path) -> list[str]:

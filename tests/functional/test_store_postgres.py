@@ -3,7 +3,7 @@
 The same recorded runs (tests/unit/fixtures/verdicts/, real lab runs) go into a
 SQLite file and into PostgreSQL 15 (its own cluster in a temp dir, Unix socket
 only, as the postgres user): both give the same history, a second import stores
-nothing twice, and the schema is at the newest version.
+nothing twice, and the schema is at the newest version; a store of schema 1 migrates.
 """
 
 import shutil
@@ -11,9 +11,10 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import sqlalchemy as sa
 from avocado import Test
 
-from apflab.regress.store import MIGRATIONS, Store
+from apflab.regress.store import MIGRATIONS, Store, schema_version
 
 FIXTURES = Path(__file__).resolve().parents[1] / "unit" / "fixtures" / "verdicts"
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -79,3 +80,22 @@ class PostgresStore(Test):
                 store.close()
         self.assertEqual(histories[0], histories[1])
         self.whiteboard = f"{len(dirs)} runs in SQLite and PostgreSQL 15"
+
+    def test_a_version_1_store_is_migrated(self) -> None:
+        """Schema 1 (before host kernels were recorded) migrates on PostgreSQL too."""
+        url = f"postgresql+psycopg://apflab@/apflab?host={self.base}&port={PORT}"
+        engine = sa.create_engine(url)
+        with engine.begin() as conn:
+            MIGRATIONS[0](conn)
+            schema_version.create(conn)
+            conn.execute(schema_version.insert().values(version=1))
+        engine.dispose()
+        dirs = sorted(d for d in FIXTURES.iterdir() if (d / "verdict.json").is_file())[:2]
+        store = Store.open(url)
+        try:
+            self.assertEqual(store.version, len(MIGRATIONS))
+            self.assertEqual(store.import_dirs(dirs, "night-1"), (2, 0))
+            rows = store.history()
+            self.assertEqual([r["host_kernel"] is not None for r in rows], [True, True])
+        finally:
+            store.close()

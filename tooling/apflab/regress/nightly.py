@@ -178,4 +178,9 @@ def compare_tonight(root: Path, cells: list[Cell], base: str) -> dict[str, dict[
             [root / cell.name], [root / base], root / "compare" / cell.name, compare.Rules()
         )
         out[cell.name] = {k: doc[k] for k in ("verdict", "reason", "report")}
+        out[cell.name]["slower"] = [  # every metric that is slower, not only the first
+            {k: c[k] for k in ("metric", "statistic", "ratio", "ci", "p_value")}
+            for c in doc["changes"]
+            if c["verdict"] == compare.FAIL
+        ]
     return out

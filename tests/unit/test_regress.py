@@ -3,6 +3,8 @@ make calibrate, captured with tests/unit/fixtures/capture.py verdict; INDEX.json
 says which kernel each run was)."""
 
 import json
+import xml.etree.ElementTree as ET
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import sqlalchemy as sa
 
 from apflab.regress import changes, compare
 from apflab.regress.store import MIGRATIONS, Store, schema_version
+from apflab.report import trend
 
 F = Path(__file__).parent / "fixtures" / "verdicts"
 INDEX: dict[str, str] = json.loads((F / "INDEX.json").read_text())
@@ -153,3 +156,29 @@ def test_distinct_runs_of_one_kernel_over_nights_are_not_a_regression(store: Sto
     _night(store, "2026-11-02", "unpatched", "K", n=2, skip=2)
     _night(store, "2026-11-03", "unpatched", "K", n=1, skip=4)
     assert changes.detect(store.history()) == []
+
+
+def test_the_trend_xunit_fails_every_night_a_kernel_fails(store: Store, tmp_path: Path) -> None:
+    """Lab CI reads trend.xml: a kernel that still fails is a failure on each night it
+    fails, not only on the night it began; a kernel that passes is not."""
+    _night(store, "2026-11-01", "delay-500us", "late_ack", n=2)
+    _night(store, "2026-11-02", "delay-500us", "late_ack", n=2, skip=2)
+    _night(store, "2026-11-01", "unpatched", "unpatched", n=2)
+    _night(store, "2026-11-02", "unpatched", "unpatched", n=2, skip=2)
+    history = store.history()
+    findings = [asdict(f) for f in changes.detect(history)]
+    _, xml = trend.write(
+        tmp_path, history, store.history(statistic="p99"), findings, ["ready_to_ack"]
+    )
+    suite = ET.parse(xml).getroot()
+    failed = {
+        (c.get("classname"), c.get("name")): c.find("failure") is not None
+        for c in suite.iter("testcase")
+    }
+    assert failed == {
+        ("late_ack", "2026-11-01"): True,
+        ("late_ack", "2026-11-02"): True,
+        ("unpatched", "2026-11-01"): False,
+        ("unpatched", "2026-11-02"): False,
+    }
+    assert suite.get("failures") == "2"

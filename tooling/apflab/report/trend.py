@@ -155,8 +155,14 @@ def _xunit(
     for kernel, night in cases:
         case = ET.SubElement(suite, "testcase", classname=kernel, name=night)
         hit = [f for f in findings if f["kernel"] == kernel and f["first_night"] == night]
-        if hit:
+        runs = [r for r in history if r["kernel"] == kernel and r.get("night") == night]
+        fails = [r for r in runs if r["verdict"] == "FAIL"]
+        if hit:  # what began tonight first (a new FAIL, a regression)
             failures += 1
             ET.SubElement(case, "failure", message=hit[0]["detail"], type=hit[0]["kind"])
+        elif fails:  # still failing: every night it fails is a failure for lab CI
+            failures += 1
+            message = f"{len(fails)} of {len(runs)} runs FAIL: {fails[0].get('reason')}"
+            ET.SubElement(case, "failure", message=message, type="FAIL")
     suite.set("failures", str(failures))
     ET.ElementTree(suite).write(path, encoding="utf-8", xml_declaration=True)

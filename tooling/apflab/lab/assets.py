@@ -83,7 +83,9 @@ def saved_boots_disk() -> Path | None:
             tmp.replace(path)
         finally:
             tmp.unlink(missing_ok=True)
-    probe = run(["qemu-img", "info", "-f", "raw", path], check=False, timeout=60)
+    # opened read-write, as L1's QEMU will: `qemu-img info` opens it read-only and
+    # succeeds while another lab writes it (two labs at once then failed at launch)
+    probe = run(["qemu-io", "-f", "raw", "-c", "quit", path], check=False, timeout=60)
     if not probe.ok:
         log.info("lab: the saved-boots disk is in use by another lab: this one keeps its own")
         return None

@@ -42,6 +42,17 @@ class Night(Test):
         )
         return proc
 
+    def nightly(
+        self, matrix: Path, samples: int, work: Path, night: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """``apflab nightly`` on ``matrix``, its store and results under ``work``."""
+        named = ["--night", night] if night is not None else []
+        return self.apflab(
+            "nightly",
+            *("--matrix", str(matrix), "--samples", str(samples), *named),
+            *("--store", str(work / "apflab.db"), "--results", str(work / "results")),
+        )
+
 
 class OneCellNight(Night):
     """
@@ -55,19 +66,7 @@ class OneCellNight(Night):
         matrix = work / "one-cell.yaml"
         matrix.write_text(ONE_CELL)
         store = str(work / "apflab.db")
-        night = self.apflab(
-            "nightly",
-            "--matrix",
-            str(matrix),
-            "--samples",
-            "1",
-            "--night",
-            "night-1",
-            "--store",
-            store,
-            "--results",
-            str(work / "results"),
-        )
+        night = self.nightly(matrix, 1, work, "night-1")
         self.assertEqual(night.returncode, 0, night.stdout + night.stderr)
         roots = sorted((work / "results").glob("night-night-1-*"))
         self.assertEqual(len(roots), 1)
@@ -98,19 +97,7 @@ class FullNight(Night):
 
     def night(self, matrix: Path, name: str) -> tuple[subprocess.CompletedProcess[str], dict]:  # type: ignore[type-arg]
         work = Path(self.logdir)  # kept with the test's logs (the workdir is removed)
-        proc = self.apflab(
-            "nightly",
-            "--matrix",
-            str(matrix),
-            "--samples",
-            "3",
-            "--night",
-            name,
-            "--store",
-            str(work / "apflab.db"),
-            "--results",
-            str(work / "results"),
-        )
+        proc = self.nightly(matrix, 3, work, name)
         roots = sorted((work / "results").glob(f"night-{name}-*"))
         self.assertEqual(len(roots), 1, proc.stdout + proc.stderr)
         for f in ("trend.html", "trend.xml", "night.json"):
@@ -165,17 +152,7 @@ class HostKernelNight(Night):
     def test_delayed_page_ready_host_fails_against_the_unpatched_host(self) -> None:
         work = Path(self.logdir)  # kept with the test's logs (the workdir is removed)
         store = str(work / "apflab.db")
-        night = self.apflab(
-            "nightly",
-            "--matrix",
-            str(HOST_NIGHT),
-            "--samples",
-            "4",
-            "--store",
-            store,
-            "--results",
-            str(work / "results"),
-        )
+        night = self.nightly(HOST_NIGHT, 4, work)
         roots = sorted((work / "results").glob("night-*"))
         self.assertEqual(len(roots), 1, night.stdout + night.stderr)
         doc = json.loads((roots[0] / "night.json").read_text())

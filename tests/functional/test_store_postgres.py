@@ -14,7 +14,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from avocado import Test
 
-from apflab.regress.store import MIGRATIONS, Store, schema_version
+from apflab.regress.store import MIGRATIONS, Store, migrate
 
 FIXTURES = Path(__file__).resolve().parents[1] / "unit" / "fixtures" / "verdicts"
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -86,9 +86,7 @@ class PostgresStore(Test):
         url = f"postgresql+psycopg://apflab@/apflab?host={self.base}&port={PORT}"
         engine = sa.create_engine(url)
         with engine.begin() as conn:
-            MIGRATIONS[0](conn)
-            schema_version.create(conn)
-            conn.execute(schema_version.insert().values(version=1))
+            migrate(conn, to=1)
         engine.dispose()
         dirs = sorted(d for d in FIXTURES.iterdir() if (d / "verdict.json").is_file())[:2]
         store = Store.open(url)

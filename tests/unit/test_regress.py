@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from apflab.regress import changes, compare
-from apflab.regress.store import MIGRATIONS, Store, schema_version
+from apflab.regress.store import MIGRATIONS, Store, migrate
 from apflab.report import trend
 
 F = Path(__file__).parent / "fixtures" / "verdicts"
@@ -81,9 +81,7 @@ def test_a_version_1_store_is_migrated_and_keeps_its_runs(tmp_path: Path) -> Non
     url = f"sqlite:///{tmp_path / 'old.db'}"
     engine = sa.create_engine(url)
     with engine.begin() as conn:
-        MIGRATIONS[0](conn)
-        schema_version.create(conn)
-        conn.execute(schema_version.insert().values(version=1))
+        migrate(conn, to=1)
     engine.dispose()
     doc = json.loads((runs_of("unpatched")[0] / "verdict.json").read_text())
     with sa.create_engine(url).begin() as conn:  # a row as schema 1 wrote it

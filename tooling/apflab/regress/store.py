@@ -90,17 +90,20 @@ def _v2(conn: sa.Connection) -> None:
 MIGRATIONS: Sequence[Callable[[sa.Connection], None]] = (_v1, _v2)
 
 
-def _migrate(conn: sa.Connection) -> int:
+def migrate(conn: sa.Connection, to: int | None = None) -> int:
+    """Bring the schema to version ``to`` (default: the newest); return it.  Older
+    versions are for tests that make a store as an earlier apflab wrote it."""
+    target = len(MIGRATIONS) if to is None else to
     schema_version.create(conn, checkfirst=True)
     row = conn.execute(sa.select(schema_version.c.version)).first()
     have = row[0] if row else 0
-    for version in range(have + 1, len(MIGRATIONS) + 1):
+    for version in range(have + 1, target + 1):
         MIGRATIONS[version - 1](conn)
     if row is None:
-        conn.execute(schema_version.insert().values(version=len(MIGRATIONS)))
-    elif have < len(MIGRATIONS):
-        conn.execute(schema_version.update().values(version=len(MIGRATIONS)))
-    return len(MIGRATIONS)
+        conn.execute(schema_version.insert().values(version=target))
+    elif have < target:
+        conn.execute(schema_version.update().values(version=target))
+    return max(have, target)
 
 
 def url_of(store: str) -> str:
@@ -120,7 +123,7 @@ class Store:
         try:
             engine = sa.create_engine(url_of(store))
             with engine.begin() as conn:
-                version = _migrate(conn)
+                version = migrate(conn)
         except sa.exc.SQLAlchemyError as err:
             raise UsageError(
                 f"results store {store}: cannot open it ({err.__class__.__name__}: "

@@ -10,6 +10,9 @@ samples, then a second night with the late ACK made longer (1 ms -> 3 ms): the t
 broken kernels are flagged on the first night and not the unpatched one, and the
 second night is a latency regression of the late-ACK kernel named by that night.
 
+``ParallelNight`` (make check-night): the first of those nights again, two cells at a
+time, each in a lab of its own (``--parallel 2``): the same verdicts and findings.
+
 ``HostKernelNight`` (make check-host; it boots L1 on its own host kernels, so no lab
 may be up): tests/functional/host_night.yaml, the host kernel as the axis: a host
 whose KVM delays each page-ready by 2 ms must FAIL against the unpatched host build.
@@ -43,13 +46,13 @@ class Night(Test):
         return proc
 
     def nightly(
-        self, matrix: Path, samples: int, work: Path, night: str | None = None
+        self, matrix: Path, samples: int, work: Path, night: str | None = None, *extra: str
     ) -> subprocess.CompletedProcess[str]:
         """``apflab nightly`` on ``matrix``, its store and results under ``work``."""
         named = ["--night", night] if night is not None else []
         return self.apflab(
             "nightly",
-            *("--matrix", str(matrix), "--samples", str(samples), *named),
+            *("--matrix", str(matrix), "--samples", str(samples), *named, *extra),
             *("--store", str(work / "apflab.db"), "--results", str(work / "results")),
         )
 
@@ -95,9 +98,11 @@ class FullNight(Night):
 
     timeout = 5400
 
-    def night(self, matrix: Path, name: str) -> tuple[subprocess.CompletedProcess[str], dict]:  # type: ignore[type-arg]
+    def night(
+        self, matrix: Path, name: str, *extra: str
+    ) -> tuple[subprocess.CompletedProcess[str], dict]:  # type: ignore[type-arg]
         work = Path(self.logdir)  # kept with the test's logs (the workdir is removed)
-        proc = self.nightly(matrix, 3, work, name)
+        proc = self.nightly(matrix, 3, work, name, *extra)
         roots = sorted((work / "results").glob(f"night-{name}-*"))
         self.assertEqual(len(roots), 1, proc.stdout + proc.stderr)
         for f in ("trend.html", "trend.xml", "night.json"):
@@ -137,6 +142,34 @@ class FullNight(Night):
         self.assertIn("NEW latency regression: late_ack", second.stdout)
         self.assertNotEqual(second.returncode, 0)
         self.whiteboard = "; ".join(f["detail"] for f in slow)
+
+
+class ParallelNight(FullNight):
+    """
+    :avocado: tags=nightly,night_full,parallel,heavy
+    """
+
+    timeout = 3600
+
+    def test_two_labs_at_once(self) -> None:
+        """FullNight's first night, two cells at a time (each in a lab of its own): the
+        same verdicts and the same two kernels flagged; its wall time is in night.json
+        beside the serial night's (docs/scale.md)."""
+        proc, doc = self.night(NIGHTLY, "night-p", "--parallel", "2")
+        self.assertEqual(doc["parallel"], 2)
+        verdicts: dict[str, list[str]] = {}
+        for r in doc["runs"]:
+            verdicts.setdefault(r["cell"], []).append(r["verdict"])
+        self.assertEqual(
+            verdicts,
+            {"unpatched": ["PASS"] * 3, "no_ack": ["FAIL"] * 3, "late_ack": ["FAIL"] * 3},
+            doc["runs"],
+        )
+        flagged = {f["kernel"] for f in doc["findings"] if f["first_night"] == "night-p"}
+        self.assertEqual(flagged, {"no_ack", "late_ack"}, doc["findings"])
+        self.assertEqual(doc["comparisons"]["late_ack"]["verdict"], "FAIL")
+        self.assertNotEqual(proc.returncode, 0, "two broken kernels must fail the night")
+        self.whiteboard = f"9 runs, 2 at a time: {doc['wall_s']} s"
 
 
 HOST_NIGHT = Path(__file__).with_name("host_night.yaml")

@@ -13,6 +13,7 @@ from typing import Any
 from apflab import paths
 from apflab.cli.args import existing_file, positive_int
 from apflab.cli.exitcodes import EXIT_FAIL, EXIT_INVALID, EXIT_OK
+from apflab.errors import UsageError
 
 # The regress modules are imported in the commands that use them: they pull in
 # scipy, SQLAlchemy and otava, which every other command (and every run inside the
@@ -45,6 +46,11 @@ def _store_arg(p: argparse.ArgumentParser) -> None:
 def cmd_nightly(args: argparse.Namespace) -> int:
     from apflab.regress import nightly  # noqa: PLC0415  (heavy: see the top)
 
+    if args.hosts is not None and args.parallel is not None:
+        raise UsageError(
+            "--parallel and --hosts: a remote night runs one cell per host at a time; "
+            "drop --parallel (or list more hosts)"
+        )
     if args.hosts is not None:
         from apflab.regress import remote  # noqa: PLC0415
 
@@ -52,6 +58,19 @@ def cmd_nightly(args: argparse.Namespace) -> int:
             args.matrix,
             args.samples,
             args.hosts,
+            args.store,
+            args.results,
+            _emit,
+            args.night,
+            args.baseline,
+        )
+    elif args.parallel is not None and args.parallel > 1:
+        from apflab.regress import parallel  # noqa: PLC0415
+
+        result = parallel.run_parallel_night(
+            args.matrix,
+            args.samples,
+            args.parallel,
             args.store,
             args.results,
             _emit,
@@ -128,6 +147,14 @@ def register(sub: Any) -> None:
         default=None,
         help="spread the night over the KVM hosts of this JSON file (Avocado's remote "
         "spawner; docs/scale.md)",
+    )
+    n.add_argument(
+        "--parallel",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="run N cells at a time on this machine, each in a lab of its own (Avocado's "
+        "runner; default: one after another in one lab; docs/scale.md)",
     )
     n.add_argument("--results", type=Path, default=Path("results"))
     _store_arg(n)

@@ -118,6 +118,7 @@ def run_night(
     root.mkdir(parents=True)
     store = Store.open(store_url)
     runs: list[dict[str, Any]] = []
+    t0 = time.monotonic()
     try:
         with Batch(emit) as batch:
             for group, sample in _order(cells, samples):
@@ -132,7 +133,8 @@ def run_night(
     finally:
         store.close()
     result = Night(name, root, runs, comparisons, findings)
-    (root / "night.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+    doc = {**result.to_dict(), "parallel": 1, "wall_s": round(time.monotonic() - t0, 1)}
+    (root / "night.json").write_text(json.dumps(doc, indent=1) + "\n")
     return result
 
 

@@ -36,7 +36,21 @@ class RunControl(Test):
         assert proc.stdout is not None
         os.set_blocking(proc.stdout.fileno(), False)
         self.output = ""
+        self.started = [*getattr(self, "started", []), proc]
         return proc
+
+    def tearDown(self) -> None:
+        """A test that failed half-way must not leave its apflab command running into
+        the next test: SIGTERM (it unwinds), then SIGKILL."""
+        for proc in getattr(self, "started", []):
+            if proc.poll() is None:
+                self.log.warning("stopping apflab (pid %d) the test left running", proc.pid)
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
 
     def pump(self, proc: subprocess.Popen[bytes]) -> bool:
         """Append what the command printed so far to self.output; False at EOF."""
@@ -71,6 +85,7 @@ class RunControl(Test):
             self.pump(proc)
             time.sleep(0.2)
         if proc.poll() is None:
+            self.log.info("still running; output tail:\n%s", self.output[-4000:])
             proc.kill()
             self.fail(f"apflab did not exit within {timeout}s of the signal")
         while self.pump(proc):

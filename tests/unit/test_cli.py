@@ -1,11 +1,13 @@
 """Bad input gets a one-line error naming the thing and the fix, exit 4, within
 seconds, and nothing on the host changes."""
 
+import os
 import time
 from pathlib import Path
 
 import pytest
 
+from apflab.cli import output
 from apflab.cli import regress as cli_regress
 from apflab.cli.exitcodes import EXIT_USAGE
 from apflab.cli.main import main
@@ -121,3 +123,15 @@ def test_analyze_prints_the_contract_parts(capsys: pytest.CaptureFixture[str]) -
 def test_history_statistics_are_the_stores() -> None:
     """cli/regress.py keeps a copy (the store's module is heavy to import at start-up)."""
     assert cli_regress.STATISTICS == store.STATISTICS
+
+
+def test_a_closed_output_never_stops_a_run() -> None:
+    """The reader of a run's progress went away (a CI runner or harness that died, `|
+    head`): the run goes on, and its lines are dropped (the run's own logs keep them)."""
+    r, w = os.pipe()
+    os.close(r)
+    with os.fdopen(w, "w") as stream:
+        output._say("the workload ...", stream)  # EPIPE: redirected, not raised
+        output._say("workload done", stream)
+        stream.write("and a plain print after it\n")
+        stream.flush()

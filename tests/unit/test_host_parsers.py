@@ -7,6 +7,7 @@ import pytest
 
 from apflab.host import cgroup, procfs, swap, tracefs
 from apflab.vm import guestinfo
+from apflab.vm.console import ConsoleWatch
 
 F = Path(__file__).parent / "fixtures" / "host"
 
@@ -104,3 +105,15 @@ def test_apf_state_bits() -> None:
     assert st.enabled and st.interrupt_delivery
     assert not guestinfo.ApfState(0x3E8330C0, 0xF3).enabled
     assert not guestinfo.ApfState(0x3E8330C1, 0xF3).interrupt_delivery
+
+
+def test_a_panic_after_boot_is_found_and_only_once(tmp_path: Path) -> None:
+    """After boot the console is read for a panic only (it ends the workload at once)."""
+    lines = read("guest-console-panic").splitlines(keepends=True)
+    console = tmp_path / "console.log"
+    console.write_text("".join(lines[:3]))  # before the crash
+    watch = ConsoleWatch(console, "guest")
+    assert watch.poll_panic() is None
+    console.write_text("".join(lines))
+    assert watch.poll_panic() == "Kernel panic - not syncing: sysrq triggered crash"
+    assert watch.poll_panic() is None  # nothing new since

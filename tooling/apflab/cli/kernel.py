@@ -4,24 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 from apflab import kernel
 from apflab.cli.args import Parser, existing_file
 from apflab.cli.exitcodes import EXIT_OK
-
-
-def _progress(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+from apflab.cli.output import emit_err
 
 
 def cmd_build(args: argparse.Namespace) -> int:
     spec = kernel.KernelSpec(
         source=args.source, patches=tuple(args.patch), configs=tuple(args.config)
     )
-    built = kernel.build(spec, progress=_progress, cache=args.cache)
+    built = kernel.build(spec, progress=emit_err, cache=args.cache)
     if args.json:
         print(json.dumps(built.to_dict(), indent=1))
     else:

@@ -10,6 +10,7 @@ from typing import Any
 from apflab import kernel
 from apflab.cli.args import Parser, existing_file, positive_int
 from apflab.cli.exitcodes import EXIT_FAIL, EXIT_OK
+from apflab.cli.output import emit_err
 from apflab.errors import UsageError
 from apflab.lab import session
 from apflab.lab.l1 import LabConfig
@@ -22,7 +23,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         host_patch=tuple(args.host_patch),
         host_config=tuple(args.host_config),
     ).host_kernel_spec()
-    built = kernel.build(host, progress=_progress) if host is not None else None
+    built = kernel.build(host, progress=emit_err) if host is not None else None
     config = LabConfig(
         memory_mb=args.memory,
         cpus=args.cpus,
@@ -41,10 +42,6 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"logs: {up.log_dir}")
     print("next: apflab lab run -- apflab doctor    |    apflab lab down")
     return EXIT_OK
-
-
-def _progress(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

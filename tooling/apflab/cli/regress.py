@@ -13,6 +13,7 @@ from typing import Any
 from apflab import paths
 from apflab.cli.args import existing_file, positive_int
 from apflab.cli.exitcodes import EXIT_FAIL, EXIT_INVALID, EXIT_OK
+from apflab.cli.output import emit
 from apflab.errors import UsageError
 
 # The regress modules are imported in the commands that use them: they pull in
@@ -60,7 +61,7 @@ def cmd_nightly(args: argparse.Namespace) -> int:
             args.hosts,
             args.store,
             args.results,
-            _emit,
+            emit,
             args.night,
             args.baseline,
         )
@@ -73,13 +74,13 @@ def cmd_nightly(args: argparse.Namespace) -> int:
             args.parallel,
             args.store,
             args.results,
-            _emit,
+            emit,
             args.night,
             args.baseline,
         )
     else:
         result = nightly.run_night(
-            args.matrix, args.samples, args.store, args.results, _emit, args.night, args.baseline
+            args.matrix, args.samples, args.store, args.results, emit, args.night, args.baseline
         )
     write_trend(args.store, result.root)
     print(f"night {result.name}: {len(result.runs)} runs; results {result.root}")
@@ -121,10 +122,6 @@ def cmd_history(args: argparse.Namespace) -> int:
         night = r["night"] or "-"
         print(f"{r['started_at']} {night:12s} {r['kernel']:40s} {r['verdict']:8s} {values}")
     return EXIT_OK
-
-
-def _emit(line: str) -> None:
-    print(line, flush=True)
 
 
 def register(sub: Any) -> None:

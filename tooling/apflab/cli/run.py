@@ -12,6 +12,7 @@ from apflab.analysis import verdict
 from apflab.analysis.analyzer import analyze_trace
 from apflab.cli.args import existing_file, positive_int
 from apflab.cli.exitcodes import EXIT_FAIL, EXIT_OK, verdict_exit
+from apflab.cli.output import emit
 from apflab.errors import AnalysisError, UsageError
 from apflab.lab.l1 import LabConfig
 from apflab.run import dispatch
@@ -56,10 +57,6 @@ def scenario_from_args(args: argparse.Namespace) -> Scenario:
     return Scenario(**values)
 
 
-def _emit(line: str) -> None:
-    print(line, flush=True)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     scenario = scenario_from_args(args)
     lab_config = LabConfig(memory_mb=args.lab_memory, cpus=args.lab_cpus)
@@ -73,7 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     doc = dispatch.run(
         scenario,
         results,
-        _emit,
+        emit,
         run_id=args.run_id,
         here=args.here,
         lab_config=lab_config,

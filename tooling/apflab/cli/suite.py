@@ -9,6 +9,7 @@ from typing import Any
 
 from apflab.cli.args import existing_file, positive_int
 from apflab.cli.exitcodes import EXIT_OK
+from apflab.cli.output import emit
 from apflab.suite import bench, calibrate, perf
 from apflab.suite.functional import check_functional
 
@@ -16,7 +17,7 @@ from apflab.suite.functional import check_functional
 def cmd_bench(args: argparse.Namespace) -> int:
     trace = args.trace or bench.default_trace()
     if args.full:
-        doc = perf.bench(args.results, trace, args.samples, args.cold, _emit)
+        doc = perf.bench(args.results, trace, args.samples, args.cold, emit)
         print(json.dumps(doc, indent=1) if args.json else format_full(doc))
         return EXIT_OK
     result = bench.bench_analyzer(trace, args.repeat)
@@ -59,19 +60,15 @@ def format_bench(result: dict[str, Any]) -> str:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.summarize is not None:
-        root = calibrate.summarize(args.summarize.resolve(), _emit)
+        root = calibrate.summarize(args.summarize.resolve(), emit)
         print(f"calibration: {root / 'summary.md'}, {root / 'detection.md'}")
         return EXIT_OK
     cells = calibrate.default_cells(args.delays, args.modes)
     if args.only:
         cells = [c for c in cells if c.name in args.only]
-    root = calibrate.calibrate(cells, args.samples, args.results, _emit)
+    root = calibrate.calibrate(cells, args.samples, args.results, emit)
     print(f"calibration: {root / 'summary.md'}")
     return EXIT_OK
-
-
-def _emit(line: str) -> None:
-    print(line, flush=True)
 
 
 def _ints(text: str) -> list[int]:

@@ -340,6 +340,8 @@ def _guest_after(vm: Guest, rec: RunRecord) -> None:
             # e.g. a triple fault (reset) during the workload: the CPU state before
             # the reset is in logs/guest-cpu-reset.log (QEMU -d cpu_reset)
             raise VMError(f"the guest stopped running during the workload ({state})")
+        if vm.panicked is not None:  # SSH would wait for a dead kernel until its timeout
+            raise VMError(f"the guest kernel panicked during the workload: {vm.panicked}")
         g.hyp_after = guestinfo.hyp_interrupts(vm, rec.results / "guest" / "interrupts.after")
         g.vmstat_after = guestinfo.vmstat(vm)
         dmesg = vm.run(["dmesg"], check=False, timeout=30).stdout

@@ -83,6 +83,16 @@ def judge(rec: RunRecord, extra: dict[str, Any] | None = None) -> dict[str, Any]
             reason="pressure-only run under TCG: without KVM there are no async page faults "
             "to judge",
         )
+    if analysis is None and not rec.errors and rec.guest.console_faults:
+        # no trace to judge (TCG, or tracing off), but the kernel under test died or
+        # reported a fatal error on its console: that is the kernel's FAIL
+        first = rec.guest.console_faults[0]
+        result = dataclasses.replace(
+            result,
+            verdict=verdict.FAIL,
+            reason=f"the guest kernel failed during the run: {first}",
+            findings=(*result.findings, f"guest console: {first}"),
+        )
     if rec.guest.boot_failure:
         # the kernel under test itself did not boot the image: no trace, no run
         word = verdict.FAIL if rec.guest.boot_panic else verdict.INVALID

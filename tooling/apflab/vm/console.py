@@ -67,6 +67,24 @@ class ConsoleWatch:
             self._check(_ANSI.sub("", line))
         return lines
 
+    def poll_panic(self) -> str | None:
+        """After boot: read the new lines and return the first kernel panic among them
+        (a BUG or GP fault may be survived: a finding for the verdict, not the end)."""
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        self._offset += len(data)
+        text = self._partial + data.decode(errors="replace").replace("\r", "")
+        lines = text.split("\n")
+        self._partial = lines.pop()
+        for line in lines:
+            if m := PANIC_PATTERNS[0].search(_ANSI.sub("", line)):
+                return m.group(0).strip()
+        return None
+
     def _check(self, line: str) -> None:
         for pat in PANIC_PATTERNS:
             if m := pat.search(line):

@@ -185,6 +185,8 @@ class Guest:
         self._ssh: SSH | None = None
         self._client_key: keys.ClientKey | None = None
         self._watch = ConsoleWatch(self.console_log, config.name)
+        #: the kernel panic line seen on the console after boot (the guest is dead)
+        self.panicked: str | None = None
         self.client_key_path: Path | None = None
         self.launched_at = 0.0
         self.boot_seconds: float | None = None
@@ -271,6 +273,14 @@ class Guest:
         """
         if self.boot_seconds is None or self.config.console_fatal_after_boot:
             self._watch.poll()
+        elif self.panicked is not None or (line := self._watch.poll_panic()) is not None:
+            # the kernel is dead, though QEMU runs on (no pvpanic device): stop waiting
+            self.panicked = dead = self.panicked or str(line)
+            raise GuestPanic(
+                f"{self.name}: the guest kernel panicked: {dead} (see {self.console_log})",
+                self.name,
+                dead,
+            )
         elif self._qmp is not None and self._proc is not None and self._proc.poll() is None:
             # a guest that reset (triple fault) stays paused (-action): SSH to it
             # would hang until its timeout; stop waiting at once instead
@@ -769,7 +779,7 @@ class Guest:
     def _graceful(self) -> None:
         method = self.config.shutdown_method
         try:
-            if method == "powerdown":
+            if method == "powerdown" and self.panicked is None:  # a dead kernel powers nothing down
                 # ACPI poweroff; the guest's poweroff pauses the VM (see -action),
                 # then `quit` ends QEMU.
                 self.qmp.cmd("system_powerdown")

@@ -18,7 +18,7 @@ from typing import Any
 
 from test_interrupt import RunControl
 
-from apflab.host import kvm, leftovers
+from apflab.host import cgroup, kvm, leftovers
 from apflab.undo import pid_alive
 
 PRESSURE_RUN = ("run", "--accel", "tcg", "--rounds", "50", "--deadline", "600")
@@ -103,6 +103,26 @@ class Faults(RunControl):
             time.sleep(3)
         finally:
             client.close()
+
+    def test_memory_cgroup_oom_kills_qemu(self) -> None:
+        """The run's memory cgroup loses its swap mid-workload (as another agent on the
+        host could do to it): the kernel's OOM killer kills QEMU; the run is an ERROR
+        that names the OOM killer and the fix.
+
+        :avocado: tags=heavy
+        """
+        proc, run_id, qemu = self.start_mid_workload(*PRESSURE_RUN)
+        info = cgroup.detect()
+        groups = [g for g in info.parent.glob("apflab-*") if run_id in g.name]
+        self.assertEqual(len(groups), 1, groups)
+        knob = ("memory.swappiness", "0") if info.version == 1 else ("memory.swap.max", "0")
+        (groups[0] / knob[0]).write_text(knob[1])
+        self.log.info("%s: %s = %s", groups[0], *knob)
+        code = self.finish(proc, timeout=300)
+        doc = self.verdict_of(run_id)
+        self.assertEqual((code, doc["verdict"]), (3, "ERROR"), doc["reason"])
+        self.assertIn("OOM killer", doc["reason"])
+        self.assert_clean(run_id, qemu)
 
     def test_l1_killed_mid_workload(self) -> None:
         """L1 (the nested lab's QEMU) killed mid-workload: retried once on a fresh lab (a

@@ -56,6 +56,19 @@ class Night(Test):
             *("--store", str(work / "apflab.db"), "--results", str(work / "results")),
         )
 
+    def night(
+        self, matrix: Path, name: str, *extra: str
+    ) -> tuple[subprocess.CompletedProcess[str], dict]:  # type: ignore[type-arg]
+        work = Path(self.logdir)  # kept with the test's logs (the workdir is removed)
+        proc = self.nightly(matrix, 3, work, name, *extra)
+        roots = sorted((work / "results").glob(f"night-{name}-*"))
+        self.assertEqual(len(roots), 1, proc.stdout + proc.stderr)
+        for f in ("trend.html", "trend.xml", "night.json"):
+            self.assertTrue((roots[0] / f).is_file(), f"no {f}")
+        doc = json.loads((roots[0] / "night.json").read_text())
+        self.log.info("night %s: %s", name, (roots[0] / "trend.html"))
+        return proc, doc
+
 
 class OneCellNight(Night):
     """
@@ -98,19 +111,6 @@ class FullNight(Night):
 
     timeout = 5400
 
-    def night(
-        self, matrix: Path, name: str, *extra: str
-    ) -> tuple[subprocess.CompletedProcess[str], dict]:  # type: ignore[type-arg]
-        work = Path(self.logdir)  # kept with the test's logs (the workdir is removed)
-        proc = self.nightly(matrix, 3, work, name, *extra)
-        roots = sorted((work / "results").glob(f"night-{name}-*"))
-        self.assertEqual(len(roots), 1, proc.stdout + proc.stderr)
-        for f in ("trend.html", "trend.xml", "night.json"):
-            self.assertTrue((roots[0] / f).is_file(), f"no {f}")
-        doc = json.loads((roots[0] / "night.json").read_text())
-        self.log.info("night %s: %s", name, (roots[0] / "trend.html"))
-        return proc, doc
-
     def test_two_nights(self) -> None:
         first, doc = self.night(NIGHTLY, "night-1")
         verdicts: dict[str, list[str]] = {}
@@ -144,7 +144,7 @@ class FullNight(Night):
         self.whiteboard = "; ".join(f["detail"] for f in slow)
 
 
-class ParallelNight(FullNight):
+class ParallelNight(Night):
     """
     :avocado: tags=nightly,night_full,parallel,heavy
     """

@@ -10,6 +10,7 @@ import logging
 import shlex
 import socket
 import stat
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
@@ -19,6 +20,11 @@ import paramiko
 
 from apflab.errors import CommandError, SSHError
 from apflab.process import CmdResult
+
+#: how long starting a command may take: a guest whose sshd cannot fork (a stalled
+#: kernel: its page-readies never come) would otherwise hold the caller for good
+#: (paramiko waits for the exec reply with no timeout)
+START_TIMEOUT_S = 60.0
 
 log = logging.getLogger(__name__)
 
@@ -133,14 +139,7 @@ class SSH:
         command = shlex.join(argv)
         log.debug("%s$ %s", self.name, command)
         start = time.monotonic()
-        try:
-            chan = self.client.get_transport().open_session()  # type: ignore[union-attr]
-            chan.exec_command(command)
-            if input_text is not None:
-                chan.sendall(input_text.encode())
-            chan.shutdown_write()
-        except (paramiko.SSHException, OSError, EOFError) as err:
-            raise SSHError(f"{self.name}: cannot start `{command}`: {err}") from err
+        chan = self._start(command, min(timeout or START_TIMEOUT_S, START_TIMEOUT_S), input_text)
         out = _Output(tuple(argv), start, on_output)
         deadline = None if timeout is None else start + timeout
         chan.settimeout(0.2)
@@ -169,6 +168,34 @@ class SSH:
             chan.close()
         result = out.result(status)
         return result.check() if check else result
+
+    def _start(self, command: str, within: float, input_text: str | None) -> paramiko.Channel:
+        """Open a channel and start ``command`` on it within ``within`` seconds (a
+        timer closes the channel otherwise, which ends paramiko's wait)."""
+        chan: paramiko.Channel | None = None
+        timer: threading.Timer | None = None
+        try:
+            transport = self.client.get_transport()
+            if transport is None:
+                raise SSHError(f"{self.name}: not connected")
+            chan = transport.open_session(timeout=within)
+            timer = threading.Timer(within, chan.close)
+            timer.daemon = True
+            timer.start()
+            chan.exec_command(command)
+            if input_text is not None:
+                chan.sendall(input_text.encode())
+            chan.shutdown_write()
+        except (paramiko.SSHException, OSError, EOFError) as err:
+            if chan is not None:
+                chan.close()
+            late = timer is not None and not timer.is_alive()
+            why = f"no answer within {within:.0f}s" if late else str(err)
+            raise SSHError(f"{self.name}: cannot start `{command}`: {why}") from err
+        finally:
+            if timer is not None:
+                timer.cancel()
+        return chan
 
     # -- files -------------------------------------------------------------
     def put(self, local: Path, remote: str, mode: int | None = None) -> None:

@@ -11,7 +11,7 @@ from apflab.cli import output
 from apflab.cli import regress as cli_regress
 from apflab.cli.exitcodes import EXIT_USAGE
 from apflab.cli.main import main
-from apflab.host import leftovers
+from apflab.host import doctor, kvm, leftovers
 from apflab.regress import store
 
 F = Path(__file__).parent / "fixtures"
@@ -135,3 +135,37 @@ def test_a_closed_output_never_stops_a_run() -> None:
         output._say("workload done", stream)
         stream.write("and a plain print after it\n")
         stream.flush()
+
+
+def test_missing_tools_are_refused_before_anything_changes(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A run whose tools are not installed (qemu, mkswap...): pre-flight, exit 4."""
+    monkeypatch.setenv("APFLAB_RUNTIME", str(tmp_path / "runtime"))
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty PATH: no tool at all
+    code, err = run_cli(["run", "--accel", "tcg"], capsys)
+    assert code == EXIT_USAGE, err
+    assert "pre-flight: missing tools: qemu-system-x86_64, qemu-img, setpriv, mkswap" in err
+    assert "make deps" in err
+
+
+def test_too_little_disk_is_refused(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """This machine's real free space against a need no disk meets."""
+    monkeypatch.setenv("APFLAB_RUNTIME", str(tmp_path / "runtime"))
+    monkeypatch.setitem(doctor.MIN_FREE_GB, "runtime", 1 << 40)
+    code, err = run_cli(["run", "--accel", "tcg"], capsys)
+    assert code == EXIT_USAGE, err
+    assert f"GiB free under {tmp_path / 'runtime'}: free {1 << 40} GiB" in err
+
+
+def test_kvm_here_on_a_host_whose_kvm_cannot_run_guests(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    if kvm.probe().usable:
+        pytest.skip("this host's KVM runs stock guests: nothing to refuse")
+    monkeypatch.setenv("APFLAB_RUNTIME", str(tmp_path / "runtime"))
+    code, err = run_cli(["run", "--here"], capsys)
+    assert code == EXIT_USAGE, err
+    assert "no usable KVM here" in err

@@ -81,6 +81,37 @@ def host_facts() -> dict[str, Any]:
     return facts
 
 
+#: what a run needs on this host besides its guest's tools: swap where the guest runs
+#: (direct), the saved-boots disk probe where the lab runs
+DIRECT_TOOLS = (*RUN_TOOLS, "mkswap", "swapon", "swapoff")
+LAB_TOOLS = (*RUN_TOOLS, "qemu-io")
+
+
+def preflight(direct: bool) -> None:
+    """Before a run changes anything here: the tools it calls, room in the runtime root,
+    and (when its guest runs here) a memory cgroup controller.
+
+    :raises PreflightError: one line: the first problem and its fix
+    """
+    found: list[Problem] = []
+    missing = [t for t in (DIRECT_TOOLS if direct else LAB_TOOLS) if shutil.which(t) is None]
+    if missing:
+        found.append(Problem(f"missing tools: {', '.join(missing)}", "make deps"))
+    runtime = paths.runtime_root()
+    free = shutil.disk_usage(_existing(runtime)).free >> 30
+    need = (MIN_FREE_GB_IN_LAB if paths.in_lab() else MIN_FREE_GB)["runtime"]
+    if free < need:
+        found.append(Problem(f"only {free} GiB free under {runtime}", f"free {need} GiB"))
+    if direct:
+        try:
+            cgroup.detect()
+        except PreflightError as err:
+            found.append(Problem(str(err), "enable the memory controller (apflab doctor)"))
+    if found:
+        more = f" (and {len(found) - 1} more: apflab doctor)" if len(found) > 1 else ""
+        raise PreflightError(f"{found[0].what}: {found[0].fix}{more}")
+
+
 def _existing(path: Path) -> Path:
     while not path.exists():
         path = path.parent

@@ -22,7 +22,7 @@ from typing import Any
 from apflab import kernel, paths
 from apflab.analysis import verdict
 from apflab.errors import ApflabError, LabError, UsageError
-from apflab.host import kvm, procfs
+from apflab.host import doctor, kvm, procfs
 from apflab.lab.assets import L1_RESULTS, SHIP_ROOT
 from apflab.lab.l1 import Lab, LabConfig, ship
 from apflab.lab.session import AttachedLab, attach
@@ -71,6 +71,7 @@ def run(
             "this run goes direct on this host's KVM: boot the host kernel you want instead"
         )
     check_fits(scenario, None if direct else lab_config or LabConfig())
+    doctor.preflight(direct=direct)  # tools, disk, cgroup: before any host change
     if record_only:
         emit(f"apflab run {run_id}: recording on this host ({info.reason})")
         rec = execute(scenario, results_root / run_id, run_id, emit)

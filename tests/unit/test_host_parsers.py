@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from apflab.host import cgroup, procfs, swap, tracefs
+from apflab.host import cgroup, leftovers, procfs, swap, tracefs
 from apflab.vm import guestinfo
 from apflab.vm.console import ConsoleWatch
 
@@ -117,3 +117,9 @@ def test_a_panic_after_boot_is_found_and_only_once(tmp_path: Path) -> None:
     console.write_text("".join(lines))
     assert watch.poll_panic() == "Kernel panic - not syncing: sysrq triggered crash"
     assert watch.poll_panic() is None  # nothing new since
+
+
+def test_leftover_mounts_are_read_from_this_hosts_mountinfo() -> None:
+    """This process's real mount table: /proc is found by name, nothing of ours is."""
+    assert "mount /proc" in leftovers._mounts("proc")
+    assert leftovers._mounts(None) == []

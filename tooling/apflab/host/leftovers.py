@@ -4,7 +4,8 @@ and by CI.
 
 Everything apflab creates is recognisable: run dirs and state records under
 the runtime root, QEMU processes whose command line points into it, cgroups
-and tracefs instances named ``apflab-*``, swap areas we activated.
+and tracefs instances named ``apflab-*``, swap areas we activated, mounts under
+the runtime root (ports are QEMU's forwards: they go with its process).
 """
 
 from __future__ import annotations
@@ -78,6 +79,21 @@ def _tracefs(marker: str | None) -> list[str]:
     return []
 
 
+def _mounts(marker: str | None) -> list[str]:
+    """Mounts under our runtime root or named after a run (an image or disk we mounted)."""
+    root = str(paths.runtime_root())
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    points = [line.split()[4] for line in lines if len(line.split()) > 4]
+    return [
+        f"mount {p}"
+        for p in points
+        if p.startswith(root + "/") or (marker is not None and marker in p)
+    ]
+
+
 def find(marker: str | None = None) -> list[str]:
     """One line per leftover; empty means the host is clean.
 
@@ -89,4 +105,5 @@ def find(marker: str | None = None) -> list[str]:
         + _cgroups(marker)
         + _swaps(marker)
         + _tracefs(marker)
+        + _mounts(marker)
     )

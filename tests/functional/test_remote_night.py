@@ -58,10 +58,11 @@ class RemoteNight(Test):
         built = [
             (ensure_built(s, self.log.info).bzimage.parent, kernel.index_file(s)) for s in specs
         ]
-        undo = UndoStack(f"remote-{self.name.uid}")
-        with undo, ExitStack() as stack:
+        with ExitStack() as stack:
             hosts = []
             for i in (1, 2):
+                # one undo stack (one run id: its run dirs) per lab
+                undo = stack.enter_context(UndoStack(f"remote-{self.name.uid}-{i}"))
                 lab = stack.enter_context(Lab(LabConfig(), work / f"lab{i}", undo))
                 shipped = ship(lab.require_vm().ssh, "/root/night-kernels", [], built)
                 vm = lab.require_vm()
@@ -125,4 +126,4 @@ class RemoteNight(Test):
         )
         self.assertEqual(len(json.loads(history.stdout)), 4, history.stdout)
         self.whiteboard = json.dumps({"runs": doc["runs"]}, default=str)[:4000]
-        self.assertEqual(leftovers.find(undo.run_id), [])
+        self.assertEqual(leftovers.find(f"remote-{self.name.uid}-"), [])

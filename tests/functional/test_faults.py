@@ -161,6 +161,39 @@ class Faults(RunControl):
         for pid in killed:
             self.assert_clean(run_id, pid)
 
+    def test_lab_disk_fills_while_the_trace_streams(self) -> None:
+        """L1's disk (where the run in L1 streams its trace) fills up mid-workload: an
+        ERROR that says so, verdict.json on this host, nothing left once the lab is down.
+
+        :avocado: tags=heavy
+        """
+        if kvm.probe().usable:
+            self.cancel("this host runs guests on its own KVM: no lab disk to fill")
+        lab = [sys.executable, "-m", "apflab", "lab"]
+        in_lab = [*lab, "run", "--results", str(Path(self.logdir) / "lab-run"), "--"]
+        up = subprocess.run([*lab, "up"], capture_output=True, text=True, check=False)
+        self.log.info("lab up -> %d\n%s", up.returncode, up.stderr[-2000:])
+        self.assertEqual(up.returncode, 0, up.stderr[-2000:])
+        try:
+            proc = self.start("run", "--rounds", "50")
+            run_id = self.wait_for(proc, r"apflab run (\S+):", 120).group(1)
+            self.wait_for(proc, r"L1\| .*workload \.\.\.", 600)
+            time.sleep(5)
+            fill = ["dd", "if=/dev/zero", "of=/root/apflab-fill", "bs=1M", "status=none"]
+            filled = subprocess.run([*in_lab, *fill], capture_output=True, text=True, check=False)
+            self.log.info("fill -> %d %s", filled.returncode, filled.stderr[-500:])
+            self.assertIn("No space left", filled.stdout + filled.stderr)
+            code = self.finish(proc, timeout=600)
+            doc = self.verdict_of(run_id)
+            self.log.info("verdict %s: %s", doc["verdict"], doc["reason"])
+            self.assertEqual((code, doc["verdict"]), (3, "ERROR"), doc["reason"])
+            self.assertIn("No space left", doc["reason"])
+        finally:
+            subprocess.run([*in_lab, "rm", "-f", "/root/apflab-fill"], check=False)
+            down = subprocess.run([*lab, "down"], capture_output=True, text=True, check=False)
+            self.log.info("lab down -> %d %s", down.returncode, down.stderr[-1000:])
+        self.assertEqual(leftovers.find(), [], "the lab or the run left something behind")
+
     def test_sigkill_of_the_runner_then_cleanup(self) -> None:
         """
         :avocado: tags=heavy

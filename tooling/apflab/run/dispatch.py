@@ -21,7 +21,7 @@ from typing import Any
 
 from apflab import kernel, paths
 from apflab.analysis import verdict
-from apflab.errors import ApflabError, LabError, UsageError
+from apflab.errors import ApflabError, UsageError
 from apflab.host import doctor, kvm, procfs
 from apflab.lab.assets import L1_RESULTS, SHIP_ROOT
 from apflab.lab.l1 import Lab, LabConfig, ship
@@ -149,6 +149,8 @@ class _LabRun:
                 self.host = ensure_built(host_spec, emit)
         #: what runs inside L1: the same scenario without what concerns L1 itself
         self.inner = replace(scenario, host_source=None, host_patch=(), host_config=())
+        #: the run in L1's last ``apflab:`` line
+        self.inner_said: str | None = None
 
     def host_kernel(self, lab_facts: dict[str, Any]) -> dict[str, Any]:
         """verdict.json's ``host_kernel``: L1's kernel, built here or the lab image's."""
@@ -173,6 +175,8 @@ class _LabRun:
                 self._stop_inner(lab)
                 self._keep_partial(lab, err)
                 raise
+            #: its last word (a run that could not even write run.json says why here)
+            self.inner_said = _last_apflab_line(res.stdout + "\n" + res.stderr)
             lab.run(["rm", "-rf", where], check=False)
         with self.phases.phase("fetch results"):
             n = lab.fetch(f"{L1_RESULTS}/{self.run_id}", self.out)
@@ -212,12 +216,19 @@ class _LabRun:
 
     def judge(self, lab_facts: dict[str, Any], retries: dict[str, Any]) -> dict[str, Any]:
         if not (self.out / RUN_FILE).exists():
-            # the run in L1 failed before it recorded anything (e.g. bad input only L1
-            # could see): not a lab failure, so not retried
-            raise LabError(
-                f"the run in L1 exited {lab_facts['inner_exit_status']} without a run.json; "
-                "see the output above"
+            # the run in L1 failed before it recorded anything (bad input only L1 could
+            # see; L1's disk full): not a lab failure, so not retried; its verdict.json
+            # is written here, beside whatever it left (logs, the partial trace)
+            why = self.inner_said or "see the output above"
+            doc = verdict.error_document(
+                self.run_id,
+                f"the run in L1 exited {lab_facts['inner_exit_status']} without a run.json: {why}",
             )
+            doc["lab"] = lab_facts
+            doc["partial_trace"] = next((str(p) for p in self.out.glob("trace.txt*")), None)
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json(self.out / "verdict.json", doc)
+            return doc
         # judged here, not in L1: the analysis and the report cost seconds on this host
         # and tens of seconds on L1's one emulated vCPU
         rec = RunRecord.load(self.out)
@@ -307,6 +318,12 @@ def _lab_attempt(run: _LabRun, lab_config: LabConfig, logs: Path) -> dict[str, A
         "kernel_release": lab.facts.get("kernel"),
         "inner_exit_status": status,
     }
+
+
+def _last_apflab_line(output: str) -> str | None:
+    """The last ``apflab: ...`` line a command printed (its one-line error), if any."""
+    lines = [ln.strip() for ln in output.splitlines() if ln.startswith("apflab: ")]
+    return lines[-1].removeprefix("apflab: ") if lines else None
 
 
 def _indent(emit: Emit) -> Callable[[str, str], None]:

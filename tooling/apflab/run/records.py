@@ -205,8 +205,12 @@ class RunRecord:
 def write_json(path: Path, doc: Any) -> Path:
     """Write a JSON document atomically (a reader never sees half of it)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        tmp.replace(path)
+    except BaseException:  # a full disk, a signal: no half-written file stays behind
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -1,7 +1,7 @@
 """Nights end to end on real runs.
 
 ``OneCellNight`` (make check): ``apflab nightly`` on a one-variant matrix (the
-unpatched build, one round of the workload, one sample): the run lands in a SQLite
+unpatched build, two rounds of the workload (the default), one sample): the run lands in a SQLite
 store, ``apflab history`` finds it, the trend report and its xunit are written, and a
 second import of the same run stores nothing twice.
 
@@ -29,7 +29,7 @@ ONE_CELL = """\
 kernel: !mux
   unpatched:
     kernel_source: debian-6.1
-    rounds: 1
+    rounds: 2
 """
 
 

@@ -108,13 +108,8 @@ def run_night(
     night: str | None = None,
     baseline: str | None = None,
 ) -> Night:
-    cells = cells_of(matrix)
-    check_cells(cells, emit)
-    base = baseline or cells[0].name
-    if base not in {c.name for c in cells}:  # now, not after the night
-        raise UsageError(f"baseline cell {base!r} is not in the matrix")
-    name = night or time.strftime("%Y-%m-%d", time.gmtime())
-    root = results.resolve() / paths.new_run_id(f"night-{name}")
+    cells, base = plan(matrix, emit, baseline)
+    name, root = night_root(results, night)
     root.mkdir(parents=True)
     store = Store.open(store_url)
     runs: list[dict[str, Any]] = []
@@ -136,6 +131,26 @@ def run_night(
     doc = {**result.to_dict(), "parallel": 1, "wall_s": round(time.monotonic() - t0, 1)}
     (root / "night.json").write_text(json.dumps(doc, indent=1) + "\n")
     return result
+
+
+def plan(matrix: Path, emit: Emit, baseline: str | None) -> tuple[list[Cell], str]:
+    """The night's cells, every one checked (:func:`check_cells`), and its baseline cell
+    (default: the first), before anything boots: every way a night runs starts here.
+
+    :raises UsageError: one line naming the cell and what is wrong
+    """
+    cells = cells_of(matrix)
+    check_cells(cells, emit)
+    base = baseline or cells[0].name
+    if base not in {c.name for c in cells}:  # now, not after the night
+        raise UsageError(f"baseline cell {base!r} is not in the matrix")
+    return cells, base
+
+
+def night_root(results: Path, night: str | None) -> tuple[str, Path]:
+    """The night's name (default: today, UTC) and its own results dir (not made here)."""
+    name = night or time.strftime("%Y-%m-%d", time.gmtime())
+    return name, results.resolve() / paths.new_run_id(f"night-{name}")
 
 
 def check_cells(cells: list[Cell], emit: Emit) -> None:

@@ -15,20 +15,17 @@ tracefs, one swap disk): a parallel night refuses to start while one is up.
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 from apflab import paths
-from apflab.errors import ApflabError, UsageError
+from apflab.errors import UsageError
 from apflab.host import kvm, procfs
 from apflab.lab.l1 import LabConfig
 from apflab.lab.session import LabSession
-from apflab.regress import changes, nightly, remote
+from apflab.regress import nightly, remote
 from apflab.regress.remote import Emit
 from apflab.regress.store import Store
 
@@ -89,21 +86,6 @@ def checkout() -> Path:
     return repo
 
 
-def run_avocado(argv: Sequence[str], repo: Path, emit: Emit) -> int:
-    """Run the job from ``repo``, its output to ``emit``."""
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    with subprocess.Popen(
-        list(argv), cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    ) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            emit(line.rstrip("\n"))
-        return proc.wait()
-
-
 def run_parallel_night(
     matrix: Path,
     samples: int,
@@ -115,42 +97,27 @@ def run_parallel_night(
     baseline: str | None = None,
 ) -> nightly.Night:
     """:func:`apflab.regress.nightly.run_night`, ``parallel`` runs at a time."""
-    cells = nightly.cells_of(matrix)
-    nightly.check_cells(cells, emit)
-    base = baseline or cells[0].name
-    if base not in {c.name for c in cells}:
-        raise UsageError(f"baseline cell {base!r} is not in the matrix")
+    cells, base = nightly.plan(matrix, emit, baseline)
     check_machine(parallel)
     repo = checkout()
     Store.open(store_url).close()  # a bad store URL fails now, not after the night
-    name = night or time.strftime("%Y-%m-%d", time.gmtime())
-    root = results.resolve() / paths.new_run_id(f"night-{name}")
+    name, root = nightly.night_root(results, night)
     job = root / "parallel"
     job.mkdir(parents=True)
     (job / "avocado.conf").write_text(avocado_config(parallel))
     (job / "samples.yaml").write_text(remote.samples_yaml(samples))
     t0 = time.monotonic()
     argv = avocado_argv(job / "avocado.conf", job / "avocado", job / "samples.yaml", matrix)
-    status = run_avocado(argv, repo, emit)
+    status = remote.stream_avocado(argv, repo, emit)
     wall = time.monotonic() - t0
-    job_dir = (job / "avocado" / "latest").resolve()
-    if not (job_dir / "results.json").is_file():
-        raise ApflabError(f"the Avocado job left no results.json (exit {status}); see above")
-    # collect_runs reads <hosts>/<host>/<test dirs>: this machine is the one host
+    job_dir = remote.latest_job(job / "avocado", status)
+    # the runs are read from <hosts>/<host>/<test dirs>: this machine is the one host
     machines = job / "machines"
     machines.mkdir()
     (machines / socket.gethostname()).symlink_to(job_dir / "test-results")
-    store = Store.open(store_url)
-    try:
-        runs = remote.collect_runs(
-            root, machines, remote.job_tests(job_dir),
-            remote.variant_cells(matrix, job / "samples.yaml"), store, name,
-        )  # fmt: skip
-        comparisons = remote.compare_tonight(root, cells, base)
-        findings = changes.detect(store.history())
-    finally:
-        store.close()
-    result = nightly.Night(name, root, runs, comparisons, findings)
+    result = remote.store_night(
+        name, root, machines, job_dir, matrix, job / "samples.yaml", store_url, cells, base
+    )
     doc = {
         **result.to_dict(),
         "parallel": parallel,

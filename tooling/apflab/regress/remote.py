@@ -36,7 +36,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -374,24 +373,70 @@ def avocado_argv(files: JobFiles, matrix: Path) -> list[str]:
 def run_avocado(argv: Sequence[str], files: JobFiles, emit: Emit) -> int:
     """Run the job from the checkout (the test's relative path), its output to ``emit``.
 
-    ``TMPDIR`` is where aexpect keeps its sessions (so we find them after);
-    ``PATH`` starts with our venv's bin (aexpect runs ``aexpect_helper`` from it).
+    ``TMPDIR`` is where aexpect keeps its sessions (so we find them after).
     """
     repo = paths.repo_root()
     if repo is None:
         raise UsageError("apflab nightly --hosts runs from an apflab checkout (tests/functional)")
-    env = {
+    return stream_avocado(argv, repo, emit, {"TMPDIR": str(files.sessions)})
+
+
+def stream_avocado(
+    argv: Sequence[str], repo: Path, emit: Emit, env: dict[str, str] | None = None
+) -> int:
+    """Run an Avocado job from ``repo``, its output line by line to ``emit``; its exit.
+
+    ``PATH`` starts with our venv's bin (aexpect runs ``aexpect_helper`` from it).
+    """
+    full = {
         **os.environ,
-        "TMPDIR": str(files.sessions),
+        **(env or {}),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     with subprocess.Popen(
-        list(argv), cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        list(argv), cwd=repo, env=full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     ) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
             emit(line.rstrip("\n"))
         return proc.wait()
+
+
+def latest_job(results: Path, status: int) -> Path:
+    """The job dir Avocado just wrote under ``results``.
+
+    :raises ApflabError: it left no results.json (the job never ran its tests)
+    """
+    job_dir = (results / "latest").resolve()
+    if not (job_dir / "results.json").is_file():
+        raise ApflabError(f"the Avocado job left no results.json (exit {status}); see above")
+    return job_dir
+
+
+def store_night(
+    name: str,
+    root: Path,
+    hosts_dir: Path,
+    job_dir: Path,
+    matrix: Path,
+    samples: Path,
+    store_url: str,
+    cells: list[nightly.Cell],
+    base: str,
+) -> nightly.Night:
+    """The job's runs (``hosts_dir/<host>/<test dirs>``) laid out under ``root`` and
+    stored, each cell against the baseline cell ``base``, change points over the
+    store's history.  ``matrix`` and ``samples`` are the files the job ran."""
+    store = Store.open(store_url)
+    try:
+        runs = collect_runs(
+            root, hosts_dir, job_tests(job_dir), variant_cells(matrix, samples), store, name
+        )
+        comparisons = compare_tonight(root, cells, base)
+        findings = changes.detect(store.history())
+    finally:
+        store.close()
+    return nightly.Night(name, root, runs, comparisons, findings)
 
 
 def _children(pid: int) -> list[int]:
@@ -609,15 +654,10 @@ def run_remote_night(
     baseline: str | None = None,
 ) -> nightly.Night:
     """:func:`apflab.regress.nightly.run_night`, its runs spread over the hosts."""
-    cells = nightly.cells_of(matrix)
-    nightly.check_cells(cells, emit)
-    base = baseline or cells[0].name
-    if base not in {c.name for c in cells}:
-        raise UsageError(f"baseline cell {base!r} is not in the matrix")
+    cells, base = nightly.plan(matrix, emit, baseline)
     hosts = load_hosts(hosts_file)
     Store.open(store_url).close()  # a bad store URL fails now, not after the night
-    name = night or time.strftime("%Y-%m-%d", time.gmtime())
-    root = results.resolve() / paths.new_run_id(f"night-{name}")
+    name, root = nightly.night_root(results, night)
     root.mkdir(parents=True)
     files = write_job_files(root, hosts, samples)
     live = usable_hosts(hosts, files, emit)
@@ -626,22 +666,12 @@ def run_remote_night(
         status = run_avocado(avocado_argv(files, matrix), files, emit)
     finally:
         emit(f"== closed {close_sessions(files)} SSH session(s) the spawner left open")
-    job_dir = (files.results / "latest").resolve()
-    if not (job_dir / "results.json").is_file():
-        raise ApflabError(f"the Avocado job left no results.json (exit {status}); see above")
+    job_dir = latest_job(files.results, status)
     fetch_runs(hosts, live, job_dir, files.dir / "fetched", emit)
-    store = Store.open(store_url)
-    try:
-        runs = collect_runs(
-            root, files.dir / "fetched", job_tests(job_dir),
-            variant_cells(matrix, files.samples), store, name,
-        )  # fmt: skip
-        comparisons = compare_tonight(root, cells, base)
-        findings = changes.detect(store.history())
-    finally:
-        store.close()
+    result = store_night(
+        name, root, files.dir / "fetched", job_dir, matrix, files.samples, store_url, cells, base
+    )
     prune_remote(hosts, live, job_dir, root)
-    result = nightly.Night(name, root, runs, comparisons, findings)
     doc = {**result.to_dict(), "hosts": [h.name for h in live], "avocado_exit": status}
     (root / "night.json").write_text(json.dumps(doc, indent=1) + "\n")
     return result

@@ -69,6 +69,33 @@ class Night(Test):
         self.log.info("night %s: %s", name, (roots[0] / "trend.html"))
         return proc, doc
 
+    @staticmethod
+    def by_cell(doc: dict) -> dict[str, list[str]]:  # type: ignore[type-arg]
+        """night.json's run verdicts, cell by cell, in run order."""
+        verdicts: dict[str, list[str]] = {}
+        for r in doc["runs"]:
+            verdicts.setdefault(r["cell"], []).append(r["verdict"])
+        return verdicts
+
+    def assert_nightly_yaml(
+        self,
+        proc: subprocess.CompletedProcess[str],
+        doc: dict,  # type: ignore[type-arg]
+        name: str,
+    ) -> None:
+        """A first night of nightly.yaml x 3: the verdicts, the two broken kernels (and
+        not the unpatched one) flagged by this night, both FAIL against the baseline."""
+        self.assertEqual(
+            self.by_cell(doc),
+            {"unpatched": ["PASS"] * 3, "no_ack": ["FAIL"] * 3, "late_ack": ["FAIL"] * 3},
+            doc["runs"],
+        )
+        flagged = {f["kernel"] for f in doc["findings"] if f["first_night"] == name}
+        self.assertEqual(flagged, {"no_ack", "late_ack"}, doc["findings"])
+        self.assertEqual(doc["comparisons"]["no_ack"]["verdict"], "FAIL")
+        self.assertEqual(doc["comparisons"]["late_ack"]["verdict"], "FAIL")
+        self.assertNotEqual(proc.returncode, 0, "two broken kernels must fail the night")
+
 
 class OneCellNight(Night):
     """
@@ -113,19 +140,7 @@ class FullNight(Night):
 
     def test_two_nights(self) -> None:
         first, doc = self.night(NIGHTLY, "night-1")
-        verdicts: dict[str, list[str]] = {}
-        for r in doc["runs"]:
-            verdicts.setdefault(r["cell"], []).append(r["verdict"])
-        self.assertEqual(
-            verdicts,
-            {"unpatched": ["PASS"] * 3, "no_ack": ["FAIL"] * 3, "late_ack": ["FAIL"] * 3},
-            doc["runs"],
-        )
-        flagged = {f["kernel"] for f in doc["findings"] if f["first_night"] == "night-1"}
-        self.assertEqual(flagged, {"no_ack", "late_ack"}, doc["findings"])
-        self.assertEqual(doc["comparisons"]["no_ack"]["verdict"], "FAIL")
-        self.assertEqual(doc["comparisons"]["late_ack"]["verdict"], "FAIL")
-        self.assertNotEqual(first.returncode, 0, "two broken kernels must fail the night")
+        self.assert_nightly_yaml(first, doc, "night-1")
         longer = Path(self.logdir) / "nightly-longer.yaml"
         longer.write_text(
             NIGHTLY.read_text().replace("apflab_ack=delay:1000", "apflab_ack=delay:3000")
@@ -157,18 +172,7 @@ class ParallelNight(Night):
         beside the serial night's (docs/scale.md)."""
         proc, doc = self.night(NIGHTLY, "night-p", "--parallel", "2")
         self.assertEqual(doc["parallel"], 2)
-        verdicts: dict[str, list[str]] = {}
-        for r in doc["runs"]:
-            verdicts.setdefault(r["cell"], []).append(r["verdict"])
-        self.assertEqual(
-            verdicts,
-            {"unpatched": ["PASS"] * 3, "no_ack": ["FAIL"] * 3, "late_ack": ["FAIL"] * 3},
-            doc["runs"],
-        )
-        flagged = {f["kernel"] for f in doc["findings"] if f["first_night"] == "night-p"}
-        self.assertEqual(flagged, {"no_ack", "late_ack"}, doc["findings"])
-        self.assertEqual(doc["comparisons"]["late_ack"]["verdict"], "FAIL")
-        self.assertNotEqual(proc.returncode, 0, "two broken kernels must fail the night")
+        self.assert_nightly_yaml(proc, doc, "night-p")
         self.whiteboard = f"9 runs, 2 at a time: {doc['wall_s']} s"
 
 
@@ -189,9 +193,7 @@ class HostKernelNight(Night):
         roots = sorted((work / "results").glob("night-*"))
         self.assertEqual(len(roots), 1, night.stdout + night.stderr)
         doc = json.loads((roots[0] / "night.json").read_text())
-        verdicts: dict[str, list[str]] = {}
-        for r in doc["runs"]:
-            verdicts.setdefault(r["cell"], []).append(r["verdict"])
+        verdicts = self.by_cell(doc)
         self.log.info("verdicts %s", verdicts)
         self.assertEqual(verdicts["host_unpatched"], ["PASS"] * 4, doc["runs"])
         self.assertNotIn("ERROR", verdicts["host_ready_delayed_2ms"], doc["runs"])

@@ -99,9 +99,8 @@ def preflight(direct: bool) -> None:
         found.append(Problem(f"missing tools: {', '.join(missing)}", "make deps"))
     runtime = paths.runtime_root()
     free = shutil.disk_usage(_existing(runtime)).free >> 30
-    need = (MIN_FREE_GB_IN_LAB if paths.in_lab() else MIN_FREE_GB)["runtime"]
-    if free < need:
-        found.append(Problem(f"only {free} GiB free under {runtime}", f"free {need} GiB"))
+    if disk := _disk_problem("runtime", runtime, free, paths.in_lab()):
+        found.append(disk)
     if direct:
         try:
             cgroup.detect()
@@ -110,6 +109,15 @@ def preflight(direct: bool) -> None:
     if found:
         more = f" (and {len(found) - 1} more: apflab doctor)" if len(found) > 1 else ""
         raise PreflightError(f"{found[0].what}: {found[0].fix}{more}")
+
+
+def _disk_problem(what: str, path: Path | str, free_gb: int, in_lab: bool) -> Problem | None:
+    """Too little free space under ``path`` for ``what`` (the cache, the runtime root)
+    on a host inside the lab (``in_lab``) or not."""
+    need = (MIN_FREE_GB_IN_LAB if in_lab else MIN_FREE_GB)[what]
+    if free_gb >= need:
+        return None
+    return Problem(f"only {free_gb} GiB free under {path}", f"free {need} GiB")
 
 
 def _existing(path: Path) -> Path:
@@ -135,11 +143,8 @@ def problems(facts: dict[str, Any]) -> list[Problem]:
     if missing:
         out.append(Problem(f"missing tools: {', '.join(missing)}", "make deps"))
     for what, disk in facts["disk_free_gb"].items():
-        need = (MIN_FREE_GB_IN_LAB if facts.get("in_lab") else MIN_FREE_GB)[what]
-        if disk["free"] < need:
-            out.append(
-                Problem(f"only {disk['free']} GiB free under {disk['path']}", f"free {need} GiB")
-            )
+        if problem := _disk_problem(what, disk["path"], disk["free"], bool(facts.get("in_lab"))):
+            out.append(problem)
     if facts["path"] == "lab":
         if facts["mem_available_mb"] < LAB_MEMORY_MB:
             out.append(

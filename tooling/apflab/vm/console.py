@@ -45,8 +45,8 @@ class ConsoleWatch:
         self.last_growth = time.monotonic()
         self.last_line = ""
 
-    def poll(self) -> list[str]:
-        """Return complete new lines; raise :class:`GuestPanic` on a fatal one."""
+    def _new_lines(self) -> list[str]:
+        """The complete lines written since the last read (a partial one waits)."""
         try:
             with self.path.open("rb") as f:
                 f.seek(self._offset)
@@ -59,6 +59,11 @@ class ConsoleWatch:
         text = self._partial + data.decode(errors="replace").replace("\r", "")
         lines = text.split("\n")
         self._partial = lines.pop()
+        return lines
+
+    def poll(self) -> list[str]:
+        """Return complete new lines; raise :class:`GuestPanic` on a fatal one."""
+        lines = self._new_lines()
         for line in reversed(lines):
             if line.strip():
                 self.last_line = line.strip()
@@ -70,17 +75,7 @@ class ConsoleWatch:
     def poll_panic(self) -> str | None:
         """After boot: read the new lines and return the first kernel panic among them
         (a BUG or GP fault may be survived: a finding for the verdict, not the end)."""
-        try:
-            with self.path.open("rb") as f:
-                f.seek(self._offset)
-                data = f.read()
-        except FileNotFoundError:
-            return None
-        self._offset += len(data)
-        text = self._partial + data.decode(errors="replace").replace("\r", "")
-        lines = text.split("\n")
-        self._partial = lines.pop()
-        for line in lines:
+        for line in self._new_lines():
             if m := PANIC_PATTERNS[0].search(_ANSI.sub("", line)):
                 return m.group(0).strip()
         return None

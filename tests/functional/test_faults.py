@@ -183,11 +183,16 @@ class Faults(RunControl):
             filled = subprocess.run([*in_lab, *fill], capture_output=True, text=True, check=False)
             self.log.info("fill -> %d %s", filled.returncode, filled.stderr[-500:])
             self.assertIn("No space left", filled.stdout + filled.stderr)
+            full_at = time.monotonic()
             code = self.finish(proc, timeout=600)
+            # the trace is no longer kept: the run stops at once (it used to run its 50
+            # rounds out, ~6 min, before it said so)
+            self.assertLess(time.monotonic() - full_at, 90, "the run went on with a full disk")
             doc = self.verdict_of(run_id)
             self.log.info("verdict %s: %s", doc["verdict"], doc["reason"])
             self.assertEqual((code, doc["verdict"]), (3, "ERROR"), doc["reason"])
             self.assertIn("No space left", doc["reason"])
+            self.assertNotIn("Traceback", self.output, "a traceback reached the user")
         finally:
             subprocess.run([*in_lab, "rm", "-f", "/root/apflab-fill"], check=False)
             down = subprocess.run([*lab, "down"], capture_output=True, text=True, check=False)

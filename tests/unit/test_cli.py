@@ -1,6 +1,7 @@
 """Bad input gets a one-line error naming the thing and the fix, exit 4, within
 seconds, and nothing on the host changes."""
 
+import errno
 import os
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from apflab.cli.exitcodes import EXIT_USAGE
 from apflab.cli.main import main
 from apflab.host import doctor, kvm, leftovers
 from apflab.regress import store
+from apflab.run.experiment import disk_full
 
 F = Path(__file__).parent / "fixtures"
 #: the real stock-1 trace cut after its first 20,000 bytes (an interrupted copy)
@@ -169,3 +171,15 @@ def test_kvm_here_on_a_host_whose_kvm_cannot_run_guests(
     code, err = run_cli(["run", "--here"], capsys)
     assert code == EXIT_USAGE, err
     assert "no usable KVM here" in err
+
+
+def test_a_full_disk_is_named_not_a_bug(tmp_path: Path) -> None:
+    """ENOSPC or EDQUOT while a run writes is the host's disk, said so (the run's
+    one line and verdict reason), not "an unexpected OSError"; other errors are not."""
+    for code in (errno.ENOSPC, errno.EDQUOT):
+        said = disk_full(OSError(code, os.strerror(code)), tmp_path)
+        assert said is not None
+        assert str(tmp_path) in said
+        assert os.strerror(code) in said
+    assert disk_full(OSError(errno.EACCES, "Permission denied"), tmp_path) is None
+    assert disk_full(KeyboardInterrupt(), tmp_path) is None

@@ -101,9 +101,9 @@ def _crash_log(err: BaseException) -> str:
         path = root / f"{paths.new_run_id('crash')}.log"
         path.write_text(text)
         return str(path)
-    except OSError:
-        sys.stderr.write(text)
-        return "the traceback above"
+    except OSError as write_err:  # a full disk: the traceback goes to the debug log only
+        log.debug("%s", text)
+        return f"no crash log ({write_err.strerror}; the run's debug log has the traceback)"
 
 
 if __name__ == "__main__":

@@ -294,17 +294,27 @@ class MemoryCgroup:
         }
 
 
+def check_children(info: CgroupInfo) -> None:
+    """A child of ``info.parent`` gets a memory controller (v2: only when the parent
+    enables it in ``cgroup.subtree_control``).
+
+    :raises PreflightError: it would not, and how to enable it
+    """
+    if info.version != 2:
+        return
+    subtree = info.parent / "cgroup.subtree_control"
+    enabled = subtree.read_text().split() if subtree.exists() else []
+    if "memory" not in enabled:
+        raise PreflightError(
+            f"the memory controller is not enabled for children of {info.parent} "
+            f"(echo +memory > {subtree})"
+        )
+
+
 def create(info: CgroupInfo, name: str, undo: UndoStack) -> MemoryCgroup:
     """Create the child group ``name`` under ``info.parent`` and register its removal."""
     path = info.parent / name
-    if info.version == 2:
-        subtree = info.parent / "cgroup.subtree_control"
-        enabled = subtree.read_text().split() if subtree.exists() else []
-        if "memory" not in enabled:
-            raise PreflightError(
-                f"the memory controller is not enabled for children of {info.parent} "
-                f"(echo +memory > {subtree})"
-            )
+    check_children(info)
     try:
         path.mkdir()
     except OSError as err:

@@ -103,12 +103,13 @@ def preflight(direct: bool) -> None:
         found.append(disk)
     if direct:
         try:
-            cgroup.detect()
-        except PreflightError as err:
-            found.append(Problem(str(err), "enable the memory controller (apflab doctor)"))
+            cgroup.check_children(cgroup.detect())
+        except PreflightError as err:  # its message ends with its fix
+            found.append(Problem(str(err), ""))
     if found:
         more = f" (and {len(found) - 1} more: apflab doctor)" if len(found) > 1 else ""
-        raise PreflightError(f"{found[0].what}: {found[0].fix}{more}")
+        first = found[0]
+        raise PreflightError(f"{first.what}: {first.fix}{more}" if first.fix else first.what + more)
 
 
 def _disk_problem(what: str, path: Path | str, free_gb: int, in_lab: bool) -> Problem | None:

@@ -243,6 +243,15 @@ class TraceSession:
             self._thread.join(timeout=60)
             self._thread = None
 
+    def check(self) -> None:
+        """Raise at once if the reader has failed (the disk under the trace filled up):
+        a run whose trace is no longer kept has nothing more to learn.
+
+        :raises HostError: the reader's error
+        """
+        if self._error is not None:
+            raise HostError(f"trace reader failed: {self._error}") from self._error
+
     @property
     def bytes_written(self) -> int:
         return self._bytes
@@ -255,8 +264,7 @@ class TraceSession:
         self.mark("apflab: trace end")
         self._write("tracing_on", "0")
         self._join_reader()
-        if self._error is not None:
-            raise HostError(f"trace reader failed: {self._error}") from self._error
+        self.check()
         stats = CaptureStats(self._bytes)
         for cpu_dir in sorted((self.instance / "per_cpu").glob("cpu*")):
             cpu = int(cpu_dir.name[3:])

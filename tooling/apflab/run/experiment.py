@@ -13,6 +13,8 @@ Every phase is timed; every host change is on the run's undo stack.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import lzma
@@ -29,6 +31,7 @@ from apflab.errors import (
     ApflabError,
     GuestBootFailed,
     GuestPanic,
+    HostError,
     PreflightError,
     UsageError,
     VMError,
@@ -144,14 +147,41 @@ def execute(scenario: Scenario, results: Path, run_id: str, emit: Emit) -> RunRe
         log.error("run %s: %s", run_id, err)
         rec.errors.append(str(err))
     except BaseException as err:  # SIGINT, SIGTERM, a bug: keep what the run had, go on
-        rec.errors.append(f"{cut_short(err)} during the run")
         rec.phases = phases.times
-        rec.write()
-        write_json(results / "verdict.json", interrupted_document(rec, err))
+        _write_cut_short(rec, err)
         raise
     rec.phases = phases.times
-    rec.write()
+    try:
+        rec.write()
+    except OSError as err:
+        if full := disk_full(err, results):
+            raise HostError(f"{full} (run.json not written): free space there") from err
+        raise
     return rec
+
+
+def _write_cut_short(rec: RunRecord, err: BaseException) -> None:
+    """Keep what a run stopped by ``err`` had: run.json and an ERROR verdict.json.
+
+    :raises HostError: the disk filled up (whatever still fits is written)
+    """
+    if full := disk_full(err, rec.results):
+        rec.errors.append(full)
+        with contextlib.suppress(OSError):  # what still fits
+            rec.write()
+            write_json(rec.results / "verdict.json", interrupted_document(rec, full))
+        raise HostError(f"{full}: free space there") from err
+    rec.errors.append(f"{cut_short(err)} during the run")
+    rec.write()
+    write_json(rec.results / "verdict.json", interrupted_document(rec, err))
+
+
+def disk_full(err: BaseException, results: Path) -> str | None:
+    """The words for a run stopped by a full disk (ENOSPC, EDQUOT), else None: not a
+    bug of ours but the host's, named with the filesystem that filled."""
+    if not isinstance(err, OSError) or err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    return f"the disk under {results} filled up during the run ({err.strerror})"
 
 
 def cut_short(err: BaseException) -> str:
@@ -163,9 +193,10 @@ def cut_short(err: BaseException) -> str:
     return f"stopped by an unexpected {type(err).__name__} ({err!r})"
 
 
-def interrupted_document(rec: RunRecord, err: BaseException) -> dict[str, object]:
-    """verdict.json of a run cut short: ERROR, and where its partial evidence is."""
-    doc = verdict.error_document(rec.run_id, cut_short(err))
+def interrupted_document(rec: RunRecord, err: BaseException | str) -> dict[str, object]:
+    """verdict.json of a run cut short (by ``err``, or for the reason given):
+    ERROR, and where its partial evidence is."""
+    doc = verdict.error_document(rec.run_id, err if isinstance(err, str) else cut_short(err))
     partial = rec.results / PARTIAL_TRACE
     doc["partial_trace"] = str(partial) if partial.exists() else None
     doc["kernel"] = {**doc["kernel"], **(asdict(rec.kernel) if rec.kernel else {})}
@@ -221,7 +252,8 @@ class _Experiment:
             vm.shutdown()
 
     def watch(self, vm: Guest) -> Callable[[], None]:
-        """While the workload runs: the guest alive, and (when tracing) no stall."""
+        """While the workload runs: the guest alive, and (when tracing) the trace
+        still kept and no stall."""
         if self.session is None:
             return vm.check_alive
         session = self.session
@@ -234,6 +266,7 @@ class _Experiment:
 
         def watch() -> None:
             vm.check_alive()
+            session.check()
             stall.poll()
 
         return watch

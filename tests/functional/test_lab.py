@@ -3,9 +3,11 @@
 Runs on the host (it brings the lab up itself); inside the lab it cancels.
 """
 
+import dataclasses
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from avocado import Test
@@ -129,3 +131,46 @@ class NestedLab(Test):
         self.assertEqual(down.returncode, 0, down.stderr)
         self.assertIsNotNone(run_id)
         self.assertEqual(leftovers.find(run_id), [], "lab down left something behind")
+
+    def test_saved_l1(self) -> None:
+        """L1 restored from a saved boot is a working lab with this lab's disks: the
+        first lab boots cold and saves, a second restores the same saved boot with
+        other assets in place; in it KVM works, an L2 boots under KVM with async PF
+        by interrupt, the assets are the second lab's, the clock is now's."""
+        store = Path(self.workdir) / "saved-labs"
+        seen: list[dict[str, object]] = []
+        for name in ("first", "second"):
+            marker = Path(self.workdir) / f"marker-{name}"
+            marker.write_text(f"assets of the {name} lab\n")
+            cfg = dataclasses.replace(self.config, boot="saved", saved_dir=store, kernels=(marker,))
+            undo = UndoStack(f"savedlab-{name}-{self.name.uid}")
+            with undo, Lab(cfg, Path(self.logdir) / name, undo) as lab:
+                vm = lab.require_vm()
+                self.log.info(
+                    "%s lab: L1 %s in %.1fs, saved boot %s",
+                    name, lab.boot_mode, lab.timings["l1_boot"], vm.saved_boot,
+                )  # fmt: skip
+                self.assertEqual(lab.boot_mode, "restored")
+                assert vm.saved_boot is not None
+                seen.append({"key": vm.saved_boot["key"], "l1_boot_s": lab.timings["l1_boot"]})
+                self.assertEqual(lab.facts["kvm"]["module"], "kvm_amd")
+                self.assertEqual(lab.facts["kvm"]["async_pf_int"], 1)
+                kernels = lab.run(["ls", "/mnt/apflab/kernels"]).stdout.split()
+                self.assertEqual(kernels, [marker.name], "another lab's assets in this one")
+                shipped = lab.run(["cat", f"/mnt/apflab/kernels/{marker.name}"]).stdout
+                self.assertEqual(shipped, marker.read_text())
+                l1_time = float(lab.run(["date", "+%s.%N"]).stdout)
+                self.assertLess(abs(l1_time - time.time()), 5, "L1's clock is not now")
+                if name == "second":
+                    boot = lab.run(
+                        ["apflab", "boot", "--json", "--log-dir", "/root/results/lab-boot"],
+                        timeout=600,
+                    )
+                    report = json.loads(boot.stdout)
+                    self.log.info("L2 inside the restored L1: %s", report)
+                    self.assertEqual(report["accel"], "kvm")
+                    self.assertEqual(report["ssh"], "ok")
+                    self.assertTrue(report["async_pf"]["interrupt"], report["async_pf"]["detail"])
+            self.assertEqual(leftovers.find(undo.run_id), [])
+        self.assertEqual(seen[0]["key"], seen[1]["key"], "the second lab made its own saved boot")
+        self.whiteboard = json.dumps(seen)

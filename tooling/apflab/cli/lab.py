@@ -32,6 +32,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         kernels=tuple(args.kernel),
         detached=True,
         kernel=built.bzimage if built else None,
+        boot=args.boot,
     )
     up, lab = session.bring_up(config, args.log_dir, built.sha256 if built else None)
     kvm = lab.facts.get("kvm", {})
@@ -91,6 +92,12 @@ def register(sub: Any) -> None:
     up.add_argument("--cpus", type=positive_int, default=1)
     up.add_argument("--swap", type=positive_int, default=2048, metavar="MB")
     up.add_argument("--accel", choices=["tcg", "kvm"], default="tcg")
+    up.add_argument(
+        "--boot",
+        choices=["saved", "cold"],
+        default="cold",
+        help="saved: restore L1 from a saved boot (made by the first lab); cold: boot it",
+    )
     up.add_argument("--kernel", type=existing_file, action="append", default=[])
     up.add_argument("--host-source", default=None, help="build L1's kernel from this source")
     up.add_argument("--host-patch", type=existing_file, action="append", default=[])

@@ -59,7 +59,7 @@ def scenario_from_args(args: argparse.Namespace) -> Scenario:
 
 def cmd_run(args: argparse.Namespace) -> int:
     scenario = scenario_from_args(args)
-    lab_config = LabConfig(memory_mb=args.lab_memory, cpus=args.lab_cpus)
+    lab_config = LabConfig(memory_mb=args.lab_memory, cpus=args.lab_cpus, boot=args.lab_boot)
     results = args.results.resolve()
     try:
         results.mkdir(parents=True, exist_ok=True)
@@ -185,6 +185,12 @@ def register(sub: Any) -> None:
     lab = r.add_argument_group("lab (used only when this host needs the nested lab)")
     lab.add_argument("--lab-memory", type=positive_int, default=3072, metavar="MB")
     lab.add_argument("--lab-cpus", type=positive_int, default=1)
+    lab.add_argument(
+        "--lab-boot",
+        choices=["saved", "cold"],
+        default="cold",
+        help="saved: restore L1 from a saved boot (made by the first lab); cold: boot it",
+    )
     r.set_defaults(func=cmd_run)
 
     j = sub.add_parser(

@@ -11,15 +11,16 @@ from apflab.process import run
 log = logging.getLogger(__name__)
 
 
-def make_ext4(source: Path, image: Path, label: str, free_mb: int = 0) -> int:
+def make_ext4(source: Path, image: Path, label: str, free_mb: int = 0, round_mb: int = 1) -> int:
     """Write ``source``'s tree into a new raw ext4 file ``image`` (``mke2fs -d``:
     no loop mount, no root-owned mount point), sized to fit with ``free_mb`` to
-    spare.
+    spare, rounded up to a multiple of ``round_mb`` (so that images of similar
+    trees have the same size).
 
     :return: the image size in MiB
     """
     used_mb = int(run(["du", "-sm", "--apparent-size", source]).stdout.split()[0])
-    size_mb = used_mb + free_mb + 64
+    size_mb = -(-(used_mb + free_mb + 64) // round_mb) * round_mb
     run(
         [
             *("mke2fs", "-q", "-t", "ext4", "-L", label, "-E", "root_owner=0:0"),

@@ -67,6 +67,10 @@ exec /opt/apflab/venv/bin/python -m apflab "$@"
 """
 
 
+#: the assets disk is a multiple of this size (MiB; sparse, so it costs nothing)
+ASSETS_ROUND_MB = 1024
+
+
 def saved_boots_disk() -> Path | None:
     """The machine's disk of L1 saved boots (made on first use), or None while another
     lab has it open (QEMU's image lock): that lab's L2 boots are saved on L1's own
@@ -124,5 +128,7 @@ def build_assets(staging: Path, out: Path, guest: BuiltImage, kernels: Sequence[
     bindir.mkdir()
     (bindir / "apflab").write_text(APFLAB_WRAPPER)
     (bindir / "apflab").chmod(0o755)
-    make_ext4(staging, out, "apflab-assets")
+    # a round size: the assets of one checkout and the next fit the same disk, which
+    # a saved L1 boot needs (the disk's size is part of its identity)
+    make_ext4(staging, out, "apflab-assets", round_mb=ASSETS_ROUND_MB)
     return out

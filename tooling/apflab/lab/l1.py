@@ -85,10 +85,20 @@ class LabConfig:
     detached: bool = False
     #: QEMU TCG threading for L1: "multi" (one host thread per vCPU) or "single"
     tcg_thread: str = "multi"
+    #: "saved": restore L1 from a saved boot (apflab.vm.snapshot; the first lab of
+    #: each L1 kernel, image and size makes it, in the machine cache); "cold": boot
+    boot: str = "cold"
+    #: the saved L1 boots; None: the machine's (:func:`saved_labs_dir`)
+    saved_dir: Path | None = None
 
     @property
     def cpu_model(self) -> str:
         return "EPYC,+svm" if self.accel == "tcg" else "host"
+
+
+def saved_labs_dir() -> Path:
+    """Where this machine keeps its saved L1 boots (the machine cache)."""
+    return paths.cache_dir() / "saved-labs"
 
 
 class Lab:
@@ -102,6 +112,8 @@ class Lab:
         self._mark = 0
         self.timings: dict[str, float] = {}
         self.facts: dict[str, Any] = {}
+        #: how L1 came up: "cold" (booted) or "restored" (from a saved boot)
+        self.boot_mode = "cold"
 
     def __enter__(self) -> Lab:
         try:
@@ -143,7 +155,7 @@ class Lab:
             if saved is None
             # writeback: L1's sync must reach the file (a torn saved boot would fail
             # every restore until it is dropped)
-            else (Disk(saved, serial=SERIALS["saved_boots"], cache="writeback"),)
+            else (Disk(saved, serial=SERIALS["saved_boots"], cache="writeback", idle=True),)
         )
         self.timings["assets"] = time.monotonic() - t1
         cfg = GuestConfig(
@@ -162,9 +174,11 @@ class Lab:
             else f"tcg,thread={self.config.tcg_thread}",
             cpu=self.config.cpu_model,
             disks=(
-                Disk(assets, readonly=True, serial=SERIALS["assets"]),
+                # L1 mounts, swaps on and hands out these only after boot (they
+                # are idle at boot), so a saved L1 restores with this lab's files
+                Disk(assets, readonly=True, serial=SERIALS["assets"], idle=True),
                 Disk(guest_img.disk, readonly=True, serial=SERIALS["guest_root"]),
-                Disk(swap, serial=SERIALS["swap"], cache="none"),
+                Disk(swap, serial=SERIALS["swap"], cache="none", idle=True),
                 *saved_boots,
             ),
             boot_timeout=self.config.boot_timeout,
@@ -173,13 +187,18 @@ class Lab:
             # no retry of L1's boot in here: the `lab` retry policy runs the whole
             # lab attempt again (apflab.retry), so L1 boots at most twice per run
             retry_boot=False,
+            saved_boots=(self.config.saved_dir or saved_labs_dir())
+            if self.config.boot == "saved"
+            else None,
         )
         t2 = time.monotonic()
         self.vm = self._boot(cfg)
         self.timings["l1_boot"] = time.monotonic() - t2
+        self.boot_mode = self.vm.boot_mode
         self._prepare_l1()
         log.info(
-            "lab: L1 up in %.1fs (images %.1fs, assets %.1fs); %s",
+            "lab: L1 up (%s) in %.1fs (images %.1fs, assets %.1fs); %s",
+            self.boot_mode,
             self.timings["l1_boot"],
             self.timings["images"],
             self.timings["assets"],

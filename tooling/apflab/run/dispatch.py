@@ -306,7 +306,8 @@ def _lab_attempt(run: _LabRun, lab_config: LabConfig, logs: Path) -> dict[str, A
             lab.up()
         try:
             run.emit(
-                f"          L1 up in {lab.timings['l1_boot']:.1f}s; {lab.facts['kvm']['reason']}"
+                f"          L1 up ({lab.boot_mode}) in {lab.timings['l1_boot']:.1f}s; "
+                f"{lab.facts['kvm']['reason']}"
             )
             status = run.experiment(lab)
         finally:
@@ -314,6 +315,7 @@ def _lab_attempt(run: _LabRun, lab_config: LabConfig, logs: Path) -> dict[str, A
                 lab.down()
     return {
         "timings_s": {k: round(v, 1) for k, v in lab.timings.items()},
+        "boot_mode": lab.boot_mode,
         "kvm": lab.facts.get("kvm", {}),
         "kernel_release": lab.facts.get("kernel"),
         "inner_exit_status": status,

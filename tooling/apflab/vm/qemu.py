@@ -71,6 +71,10 @@ class Disk:
 
     :ivar overlay: boot from a throw-away qcow2 overlay in the run dir, so the
         file itself is never written (images in the cache stay pristine)
+    :ivar idle: the guest leaves it alone until told to use it (not mounted, not
+        swapped on at boot): a saved boot of the guest may be restored with another
+        file of the same size in its place (its identity is its serial and size,
+        not its path or content; the guest drops what it cached of it on restore)
     """
 
     path: Path
@@ -79,6 +83,7 @@ class Disk:
     overlay: bool = False
     serial: str = ""
     cache: str = "unsafe"
+    idle: bool = False
 
 
 @dataclass(frozen=True)
@@ -344,8 +349,18 @@ class Guest:
     # -- saved boots (apflab.vm.snapshot) -------------------------------------
     def _identity(self) -> dict[str, Any]:
         cfg = self.config
-        if any(not d.readonly for d in cfg.disks):
-            raise VMError(f"{self.name}: a saved boot needs every extra disk read-only")
+        disks = []
+        for d in cfg.disks:
+            if d.idle and d.serial:
+                mode = "ro" if d.readonly else "rw"
+                disks.append(f"idle:{d.serial}:{d.format}:{mode}:{d.path.stat().st_size}")
+            elif d.readonly:
+                disks.append(f"{d.path}:{d.format}")
+            else:
+                raise VMError(
+                    f"{self.name}: a saved boot needs every extra disk read-only or idle "
+                    f"with a serial ({d.path})"
+                )
         return snapshot.identity(
             qemu_binary=cfg.qemu_binary,
             kernel=cfg.boot.kernel,
@@ -356,7 +371,7 @@ class Guest:
             cpus=cfg.cpus,
             accel=self.accel,
             cpu=self._cpu_model(),
-            extra=[*cfg.extra_args, *(f"{d.path}:{d.format}" for d in cfg.disks)],
+            extra=[*cfg.extra_args, *disks],
         )
 
     def _start_saved(self, store: snapshot.Store) -> None:
@@ -459,6 +474,11 @@ class Guest:
                 self.ssh.put(self.run_dir / "authorized_keys", "/root/.ssh/authorized_keys", 0o600)
                 # the guest's clock stood still while it was saved
                 self.run(["date", "-u", "-s", f"@{time.time():.3f}"], timeout=30)
+                # an idle disk is another file now: drop what the guest read of the
+                # old one at boot (udev's probe of its superblock)
+                idle = [f"/dev/disk/by-id/virtio-{d.serial}" for d in self.config.disks if d.idle]
+                if idle:
+                    self.run(["blockdev", "--flushbufs", *idle], timeout=60)
                 self.ssh.close()
                 self._ssh = None
             finally:

@@ -33,3 +33,13 @@ def existing_file(text: str) -> Path:
     if not p.is_file():
         raise argparse.ArgumentTypeError(f"{text} does not exist or is not a file")
     return p.resolve()
+
+
+def add_boot_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup, flag: str) -> None:
+    """How L1 comes up (LabConfig.boot): `lab up --boot`, `run --lab-boot`."""
+    parser.add_argument(
+        flag,
+        choices=["saved", "cold"],
+        default="cold",
+        help="saved: restore L1 from a saved boot (made by the first lab); cold: boot it",
+    )

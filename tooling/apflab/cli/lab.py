@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from apflab import kernel
-from apflab.cli.args import Parser, existing_file, positive_int
+from apflab.cli.args import Parser, add_boot_option, existing_file, positive_int
 from apflab.cli.exitcodes import EXIT_FAIL, EXIT_OK
 from apflab.cli.output import emit_err
 from apflab.errors import UsageError
@@ -92,12 +92,7 @@ def register(sub: Any) -> None:
     up.add_argument("--cpus", type=positive_int, default=1)
     up.add_argument("--swap", type=positive_int, default=2048, metavar="MB")
     up.add_argument("--accel", choices=["tcg", "kvm"], default="tcg")
-    up.add_argument(
-        "--boot",
-        choices=["saved", "cold"],
-        default="cold",
-        help="saved: restore L1 from a saved boot (made by the first lab); cold: boot it",
-    )
+    add_boot_option(up, "--boot")
     up.add_argument("--kernel", type=existing_file, action="append", default=[])
     up.add_argument("--host-source", default=None, help="build L1's kernel from this source")
     up.add_argument("--host-patch", type=existing_file, action="append", default=[])

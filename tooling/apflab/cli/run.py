@@ -10,7 +10,7 @@ from typing import Any
 
 from apflab.analysis import verdict
 from apflab.analysis.analyzer import analyze_trace
-from apflab.cli.args import existing_file, positive_int
+from apflab.cli.args import add_boot_option, existing_file, positive_int
 from apflab.cli.exitcodes import EXIT_FAIL, EXIT_OK, verdict_exit
 from apflab.cli.output import emit
 from apflab.errors import AnalysisError, UsageError
@@ -185,12 +185,7 @@ def register(sub: Any) -> None:
     lab = r.add_argument_group("lab (used only when this host needs the nested lab)")
     lab.add_argument("--lab-memory", type=positive_int, default=3072, metavar="MB")
     lab.add_argument("--lab-cpus", type=positive_int, default=1)
-    lab.add_argument(
-        "--lab-boot",
-        choices=["saved", "cold"],
-        default="cold",
-        help="saved: restore L1 from a saved boot (made by the first lab); cold: boot it",
-    )
+    add_boot_option(lab, "--lab-boot")
     r.set_defaults(func=cmd_run)
 
     j = sub.add_parser(

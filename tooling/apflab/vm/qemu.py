@@ -351,15 +351,16 @@ class Guest:
         cfg = self.config
         disks = []
         for d in cfg.disks:
-            if d.idle and d.serial:
+            if d.idle:
+                if not d.serial:  # the guest finds it (and drops its cache) by serial
+                    raise VMError(f"{self.name}: idle disk {d.path} has no serial")
                 mode = "ro" if d.readonly else "rw"
                 disks.append(f"idle:{d.serial}:{d.format}:{mode}:{d.path.stat().st_size}")
             elif d.readonly:
                 disks.append(f"{d.path}:{d.format}")
             else:
                 raise VMError(
-                    f"{self.name}: a saved boot needs every extra disk read-only or idle "
-                    f"with a serial ({d.path})"
+                    f"{self.name}: a saved boot needs every extra disk read-only or idle ({d.path})"
                 )
         return snapshot.identity(
             qemu_binary=cfg.qemu_binary,

@@ -17,10 +17,11 @@ from apflab.suite.functional import check_functional
 def cmd_bench(args: argparse.Namespace) -> int:
     trace = args.trace or bench.default_trace()
     if args.full:
-        doc = perf.bench(args.results, trace, args.samples, args.cold, emit)
+        doc = perf.bench(args.results, trace, args.samples, args.cold, emit, args.knee_buffers)
         print(json.dumps(doc, indent=1) if args.json else format_full(doc))
         return EXIT_OK
     result = bench.bench_analyzer(trace, args.repeat)
+    result["peak_rss_mib"] = perf.peak_rss_mib(trace)
     print(json.dumps(result, indent=1) if args.json else format_bench(result))
     return EXIT_OK
 
@@ -34,6 +35,9 @@ def format_full(doc: dict[str, Any]) -> str:
         ("analyzer parse+analyze (events/s)", doc.get("analyzer_events_per_s"), ">= 1,000,000"),
         ("analyzer peak RSS (MiB)", doc.get("analyzer_peak_rss_mib"), "bounded"),
         ("lost trace events", doc.get("lost_events"), "0"),
+        ("  top lossless rate (async PFs/min)", doc.get("loss_top_async_pfs_per_min"), ">= 20,000"),
+        ("  smallest lossless buffer (KB/CPU)", doc.get("loss_smallest_lossless_buffer_kb"), "-"),
+        ("  first lossy buffer (KB/CPU)", doc.get("loss_first_lossy_buffer_kb"), "-"),
         ("observer overhead (on/off)", doc.get("observer_overhead_ratio"), "<= 1.05"),
         ("guest boot, cold (s, median)", doc.get("boot_cold_s"), "-"),
         ("guest boot, restored (s, median)", doc.get("boot_restored_s"), "< cold"),
@@ -54,7 +58,8 @@ def format_bench(result: dict[str, Any]) -> str:
         f"analyze: {result['analyze_events_per_s']:>10,} events/s  parse+analyze "
         f"({result['analyze_s']} s); analysis alone "
         f"{result['analyze_only_events_per_s']:,} events/s\n"
-        f"read:    {result['read_s']} s (file + decompression, not in the rates)"
+        f"read:    {result['read_s']} s (file + decompression, not in the rates)\n"
+        f"memory:  {result['peak_rss_mib']} MiB peak RSS of one analysis in a fresh process"
     )
 
 
@@ -78,6 +83,16 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of µs") from None
 
 
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(x) for x in text.split(",") if x)
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of KB > 0")
+    return sizes
+
+
 def cmd_check_functional(args: argparse.Namespace) -> int:
     return check_functional(args.results, args.only, args.tags)
 
@@ -95,6 +110,13 @@ def register(sub: Any) -> None:
     )
     b.add_argument("--samples", type=positive_int, default=3, help="runs per side (--full)")
     b.add_argument("--cold", action="store_true", help="also a cold make run (--full)")
+    b.add_argument(
+        "--knee-buffers",
+        type=_sizes,
+        default=perf.KNEE_BUFFERS_KB,
+        metavar="KB,KB,...",
+        help="per-CPU trace buffers of the loss sweep, largest first (--full)",
+    )
     b.add_argument("--results", type=Path, default=Path("results"))
     b.set_defaults(func=cmd_bench)
 

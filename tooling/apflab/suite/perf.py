@@ -10,7 +10,11 @@
   it), ``samples`` of each, interleaved; their verdicts and async-PF counts beside
   the boot seconds, so a saved boot that judges differently shows here;
 * **analyzer** — parse + analyze events/s on a recorded trace, and the peak RSS of
-  a process that analyses it (a fresh process: ``ru_maxrss`` is its own);
+  a fresh process that analyses it (its ``VmHWM``);
+* **loss knee** — lost events at the lab's top async-PF rate as the tracer's per-CPU
+  ring buffer shrinks (one run per size, largest first, until a size loses events):
+  the emulated L1 caps the rate of async PFs, so the buffer is the axis that can be
+  pushed until loss, and the rate of each run is reported beside it;
 * **lost events** — summed over every run above (the tracer's overrun + dropped).
 
 Everything lands in ``results/bench.json`` with the machine and the commit.
@@ -125,13 +129,55 @@ def boot_modes(results: Path, samples: int, emit: Emit) -> dict[str, Any]:
     }
 
 
-def analyzer(trace: Path) -> dict[str, Any]:
-    """Events/s (best of 3) and, in a fresh process, the peak RSS of one analysis."""
-    rates = bench_analyzer(trace, repeat=3)
+#: the per-CPU trace buffers of the loss sweep, largest first (8192 is the default)
+KNEE_BUFFERS_KB = (8192, 64, 16, 4)
+
+
+def loss_knee(results: Path, buffers_kb: tuple[int, ...], emit: Emit) -> dict[str, Any]:
+    """Lost events with each trace buffer size, in one lab, until a size loses some."""
+    runs: list[dict[str, Any]] = []
+    with Batch(emit) as batch:
+        for kb in buffers_kb:
+            doc = batch.run(replace(Scenario(), trace_buffer_kb=kb), results / f"buffer-{kb}k")
+            events = doc.get("events") or {}
+            seconds = float((doc.get("workload") or {}).get("seconds") or 0)
+            async_pfs = int(events.get("not_present") or 0)
+            runs.append(
+                {
+                    "buffer_kb": kb,
+                    "verdict": doc.get("verdict"),
+                    "async_pfs": async_pfs,
+                    "workload_s": seconds,
+                    "async_pfs_per_min": round(async_pfs / seconds * 60) if seconds else None,
+                    "lost": events.get("lost"),
+                }
+            )
+            emit(f"loss sweep: {kb} KB per CPU: lost {events.get('lost')}")
+            if events.get("lost"):
+                break
+    lossless = [r for r in runs if r["lost"] == 0]
+    lossy = [r for r in runs if r["lost"]]
+    return {
+        "loss_runs": runs,
+        "loss_smallest_lossless_buffer_kb": min((r["buffer_kb"] for r in lossless), default=None),
+        "loss_first_lossy_buffer_kb": lossy[0]["buffer_kb"] if lossy else None,
+        "loss_top_async_pfs_per_min": max(
+            (r["async_pfs_per_min"] or 0 for r in lossless), default=None
+        ),
+    }
+
+
+def peak_rss_mib(trace: Path) -> float:
+    """The peak RSS of a fresh process that analyses ``trace``: its ``VmHWM``.
+
+    Not ``ru_maxrss``: Linux keeps that across ``execve``, so a child forked from
+    this process (which holds the whole trace it benchmarked) would report this
+    process's size; ``VmHWM`` belongs to the new program's own address space.
+    """
     code = (
-        "import resource,sys;from apflab.analysis.analyzer import analyze_trace;"
+        "import sys;from apflab.analysis.analyzer import analyze_trace;"
         "analyze_trace(sys.argv[1]);"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM:')))"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     out = subprocess.run(
@@ -141,13 +187,19 @@ def analyzer(trace: Path) -> dict[str, Any]:
         env=env,
         check=True,
     )
+    return round(int(out.stdout.split()[1]) / 1024, 1)  # "VmHWM:  25200 kB"
+
+
+def analyzer(trace: Path) -> dict[str, Any]:
+    """Events/s (best of 3) and, in a fresh process, the peak RSS of one analysis."""
+    rates = bench_analyzer(trace, repeat=3)
     return {
         "analyzer_trace": str(trace),
         "analyzer_events": rates["events"],
         "analyzer_events_per_s": rates["analyze_events_per_s"],
         "parser_events_per_s": rates["parse_events_per_s"],
         "analysis_only_events_per_s": rates["analyze_only_events_per_s"],
-        "analyzer_peak_rss_mib": round(int(out.stdout.split()[-1]) / 1024, 1),
+        "analyzer_peak_rss_mib": peak_rss_mib(trace),
         "this_process_peak_rss_mib": round(
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
         ),
@@ -170,7 +222,14 @@ def cold_run(root: Path, emit: Emit) -> dict[str, Any]:
     return {"cold_run_s": round(res.duration, 1), "cold_run_exit": res.exit_status}
 
 
-def bench(results: Path, trace: Path, samples: int, cold: bool, emit: Emit) -> dict[str, Any]:
+def bench(
+    results: Path,
+    trace: Path,
+    samples: int,
+    cold: bool,
+    emit: Emit,
+    knee_buffers_kb: tuple[int, ...] = KNEE_BUFFERS_KB,
+) -> dict[str, Any]:
     root = results.resolve() / paths.new_run_id("bench")
     root.mkdir(parents=True)
     doc: dict[str, Any] = {"machine": machine(), "at": time.strftime("%Y-%m-%dT%H:%M:%SZ")}
@@ -178,6 +237,7 @@ def bench(results: Path, trace: Path, samples: int, cold: bool, emit: Emit) -> d
     doc |= warm_run(root / "warm", emit)
     doc |= observer_overhead(root, samples, emit)
     doc |= boot_modes(root, samples, emit)
+    doc |= loss_knee(root, knee_buffers_kb, emit)
     doc["lost_events"] = (doc["lost_events"] or 0) + doc["observer_lost_events"]
     if cold:
         doc |= cold_run(root, emit)

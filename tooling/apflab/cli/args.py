@@ -40,6 +40,7 @@ def add_boot_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup, f
     parser.add_argument(
         flag,
         choices=["saved", "cold"],
-        default="cold",
-        help="saved: restore L1 from a saved boot (made by the first lab); cold: boot it",
+        default="saved",
+        help="saved (default): restore L1 from a saved boot in the machine cache (the "
+        "first lab of each L1 kernel, image and size boots cold and makes it); cold: boot it",
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ from apflab import undo
 from apflab.cli.args import existing_file, positive_int
 from apflab.cli.exitcodes import EXIT_FAIL, EXIT_OK
 from apflab.host import leftovers
-from apflab.host.doctor import host_facts, problems
+from apflab.host.doctor import host_facts, problems, report
 from apflab.images.build import ensure
 from apflab.images.recipe import cached, input_hash, load_recipe
 from apflab.run.boot import BootRequest, boot, hold_until_interrupted
@@ -22,11 +21,12 @@ from apflab.vm.qemu import Guest
 
 # -- doctor ------------------------------------------------------------------
 def cmd_doctor(args: argparse.Namespace) -> int:
+    if args.json:
+        doc = report()
+        print(json.dumps(doc, indent=1))
+        return EXIT_FAIL if doc["problems"] else EXIT_OK
     facts = host_facts()
     found = problems(facts)
-    if args.json:
-        print(json.dumps({**facts, "problems": [asdict(p) for p in found]}, indent=1))
-        return EXIT_FAIL if found else EXIT_OK
     kvm = facts["kvm"]
     print(f"apflab {facts['apflab']} on Linux {facts['kernel']} (root: {facts['root']})")
     print(f"kvm:      {kvm['flavour']}: {kvm['reason']}")

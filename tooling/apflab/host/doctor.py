@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
-from dataclasses import dataclass
+import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +189,17 @@ def _direct_problems(facts: dict[str, Any]) -> list[Problem]:
             )
         )
     return out
+
+
+def report() -> dict[str, Any]:
+    """The facts and their problems as one document (``apflab doctor --json``)."""
+    facts = host_facts()
+    return {**facts, "problems": [asdict(p) for p in problems(facts)]}
+
+
+if __name__ == "__main__":
+    # ``python -m apflab.host.doctor``: the JSON report without the CLI's imports (the
+    # lab's check at lab up, where Python's start-up in the emulated L1 costs seconds)
+    doc = report()
+    print(json.dumps(doc, indent=1))
+    sys.exit(1 if doc["problems"] else 0)

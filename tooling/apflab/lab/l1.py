@@ -43,6 +43,7 @@ from apflab.images.build import ensure
 from apflab.lab.assets import (
     ASSETS_MOUNT,
     L1_ENV,
+    LAB_PYTHON,
     SAVED_BOOTS_MOUNT,
     SERIALS,
     build_assets,
@@ -87,7 +88,9 @@ class LabConfig:
     tcg_thread: str = "multi"
     #: "saved": restore L1 from a saved boot (apflab.vm.snapshot; the first lab of
     #: each L1 kernel, image and size makes it, in the machine cache); "cold": boot
-    boot: str = "cold"
+    #: (a failed restore boots cold too).  The L2 experiment is the same either way:
+    #: docs/performance.md, "Saved L1 boots"
+    boot: str = "saved"
     #: the saved L1 boots; None: the machine's (:func:`saved_labs_dir`)
     saved_dir: Path | None = None
 
@@ -231,8 +234,10 @@ class Lab:
         self._mount_saved_boots()
         # kvm_amd is in modules-load.d, but make sure before checking.
         vm.run(["modprobe", "kvm_amd"], check=False)
-        # exit 1 means problems: listed in the facts, and judged below
-        facts = json.loads(self.run(["apflab", "doctor", "--json"], check=False).stdout)
+        # `apflab doctor --json` without the CLI's imports (~2.5 s of start-up in the
+        # emulated L1); exit 1 means problems: listed in the facts, and judged below
+        out = self.run([LAB_PYTHON, "-m", "apflab.host.doctor"], check=False).stdout
+        facts = json.loads(out)
         self.facts = facts
         kvm = facts.get("kvm", {})
         if not kvm.get("usable"):

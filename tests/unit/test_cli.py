@@ -3,11 +3,14 @@ seconds, and nothing on the host changes."""
 
 import errno
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
+import apflab as apflab_pkg
 from apflab.cli import output
 from apflab.cli import regress as cli_regress
 from apflab.cli.exitcodes import EXIT_USAGE
@@ -120,6 +123,32 @@ def test_analyze_prints_the_contract_parts(capsys: pytest.CaptureFixture[str]) -
     out = capsys.readouterr().out
     for key in ('"events"', '"latency_us"', '"invariants"', '"not_present_to_ready"'):
         assert key in out
+
+
+def test_output_whose_reader_left_is_not_a_crash(tmp_path: Path) -> None:
+    """``apflab analyze ... | head``: exit 141 (SIGPIPE), no crash log, nothing on stderr."""
+    trace = F / "traces" / "stock-1-quirk.trace"
+    env = {
+        **os.environ,
+        "APFLAB_RUNTIME": str(tmp_path),
+        "PYTHONPATH": str(Path(apflab_pkg.__file__).parents[1]),
+    }
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before apflab writes
+    try:
+        res = subprocess.run(
+            [sys.executable, "-m", "apflab", "analyze", str(trace)],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            check=False,
+        )
+    finally:
+        os.close(write)
+    assert res.returncode == 141, res.stderr
+    assert res.stderr == ""
+    assert not (tmp_path / "crashes").exists()
 
 
 def test_history_statistics_are_the_stores() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import sys
 import traceback
@@ -85,11 +86,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.debug("error", exc_info=True)
         print(f"apflab: ERROR: {err}", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError as err:
+        if not _stdout_closed():
+            return _unexpected(err)
+        # `apflab analyze ... | head`: the reader has what it wanted; not an error of
+        # ours, and nothing more can be said on stdout (its flush at exit would fail too)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except Exception as err:  # a bug of ours: one line here, the traceback in a file
-        where = _crash_log(err)
-        what = f"unexpected {type(err).__name__}: {err}"
-        print(f"apflab: ERROR ({what}); see {where}", file=sys.stderr)
-        return EXIT_ERROR
+        return _unexpected(err)
+
+
+def _unexpected(err: Exception) -> int:
+    where = _crash_log(err)
+    what = f"unexpected {type(err).__name__}: {err}"
+    print(f"apflab: ERROR ({what}); see {where}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def _stdout_closed() -> bool:
+    """Is stdout a pipe or socket whose reader has gone (POLLERR, always reported)?"""
+    poller = select.poll()
+    poller.register(sys.stdout.fileno(), 0)
+    return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
 
 
 def _crash_log(err: BaseException) -> str:

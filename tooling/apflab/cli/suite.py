@@ -4,17 +4,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from apflab import paths
 from apflab.cli.args import existing_file, positive_int
 from apflab.cli.exitcodes import EXIT_OK
 from apflab.cli.output import emit
-from apflab.suite import bench, calibrate, perf
+from apflab.suite import bench, calibrate, perf, tracerate
 from apflab.suite.functional import check_functional
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.trace_flood:
+        with tempfile.TemporaryDirectory(prefix="flood-", dir=paths.runtime_root()) as work:
+            rows = tracerate.sweep(
+                list(args.trace_flood), list(args.flood_buffers), args.flood_seconds, Path(work)
+            )
+        print(json.dumps({"floods": rows, "knee": tracerate.knee(rows)}, indent=1))
+        return EXIT_OK
     trace = args.trace or bench.default_trace()
     if args.full:
         doc = perf.bench(args.results, trace, args.samples, args.cold, emit, args.knee_buffers)
@@ -39,14 +49,23 @@ def format_full(doc: dict[str, Any]) -> str:
         ("  smallest lossless buffer (KB/CPU)", doc.get("loss_smallest_lossless_buffer_kb"), "-"),
         ("  first lossy buffer (KB/CPU)", doc.get("loss_first_lossy_buffer_kb"), "-"),
         ("observer overhead (on/off)", doc.get("observer_overhead_ratio"), "<= 1.05"),
-        ("guest boot, cold (s, median)", doc.get("boot_cold_s"), "-"),
-        ("guest boot, restored (s, median)", doc.get("boot_restored_s"), "< cold"),
+        *_reader_rows(doc.get("reader_knee") or {}),
     ]
     lines = [f"{'measure':36s} {'value':>12s}   goal"]
     lines += [f"{name:36s} {value!s:>12s}   {goal}" for name, value, goal in rows]
     for phase, secs in (doc.get("phases_s") or {}).items():
         lines.append(f"  phase {phase:30s} {secs!s:>8s} s")
     return "\n".join(lines)
+
+
+def _reader_rows(knee: dict[Any, dict[str, Any]]) -> list[tuple[str, Any, str]]:
+    rows: list[tuple[str, Any, str]] = []
+    for kb, k in knee.items():
+        rows.append(
+            (f"  L1 reader {kb} KB/CPU, lossless ev/s", k["top_lossless_events_per_s"], "-")
+        )
+        rows.append((f"  L1 reader {kb} KB/CPU, lossy ev/s", k["first_lossy_events_per_s"], "-"))
+    return rows
 
 
 def format_bench(result: dict[str, Any]) -> str:
@@ -83,14 +102,23 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of µs") from None
 
 
-def _sizes(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(x) for x in text.split(",") if x)
-    except ValueError:
-        sizes = ()
-    if not sizes or min(sizes) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of KB > 0")
-    return sizes
+def _positive_ints(what: str) -> Callable[[str], tuple[int, ...]]:
+    """A parser of ``N,N,...`` (each > 0) whose error names ``what`` they are."""
+
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(x) for x in text.split(",") if x)
+        except ValueError:
+            values = ()
+        if not values or min(values) <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {what}")
+        return values
+
+    return parse
+
+
+_sizes = _positive_ints("KB > 0")
+_rates = _positive_ints("events/s > 0")
 
 
 def cmd_check_functional(args: argparse.Namespace) -> int:
@@ -117,6 +145,21 @@ def register(sub: Any) -> None:
         metavar="KB,KB,...",
         help="per-CPU trace buffers of the loss sweep, largest first (--full)",
     )
+    b.add_argument(
+        "--trace-flood",
+        type=_rates,
+        metavar="RATE,RATE,...",
+        help="the trace reader's loss knee here: trace_marker events/s into a real trace "
+        "session, rising, per buffer size until one loses (run it in L1: apflab lab run)",
+    )
+    b.add_argument(
+        "--flood-buffers",
+        type=_sizes,
+        default=(8192, 4),
+        metavar="KB,KB,...",
+        help="per-CPU trace buffers of --trace-flood",
+    )
+    b.add_argument("--flood-seconds", type=float, default=10.0, help="seconds of each flood")
     b.add_argument("--results", type=Path, default=Path("results"))
     b.set_defaults(func=cmd_bench)
 

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import threading
 import time
 from dataclasses import dataclass, field
@@ -110,6 +111,9 @@ class CaptureStats:
     """What the capture saw and lost."""
 
     bytes_written: int = 0
+    #: CPU seconds the reader thread used (user + system: reading ``trace_pipe``
+    #: includes the kernel's formatting of every event as text)
+    reader_cpu_s: float = 0.0
     per_cpu: dict[int, dict[str, int]] = field(default_factory=dict)
     #: the raw ``per_cpu/cpuN/stats`` texts (kept with the run as evidence)
     raw: dict[int, str] = field(default_factory=dict)
@@ -151,6 +155,7 @@ class TraceSession:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._bytes = 0
+        self._reader_cpu = 0.0
         self._error: BaseException | None = None
         self.started_at = 0.0
 
@@ -236,6 +241,8 @@ class TraceSession:
             self._error = err
         finally:
             os.close(fd)
+            usage = resource.getrusage(resource.RUSAGE_THREAD)
+            self._reader_cpu = usage.ru_utime + usage.ru_stime
 
     def _join_reader(self) -> None:
         self._stop.set()
@@ -265,15 +272,16 @@ class TraceSession:
         self._write("tracing_on", "0")
         self._join_reader()
         self.check()
-        stats = CaptureStats(self._bytes)
+        stats = CaptureStats(self._bytes, round(self._reader_cpu, 2))
         for cpu_dir in sorted((self.instance / "per_cpu").glob("cpu*")):
             cpu = int(cpu_dir.name[3:])
             stats.raw[cpu] = (cpu_dir / "stats").read_text()
             stats.per_cpu[cpu] = parse_cpu_stats(stats.raw[cpu])
         log.info(
-            "trace: %d bytes, overrun %d, dropped %d",
+            "trace: %d bytes, overrun %d, dropped %d; reader CPU %.1f s",
             stats.bytes_written,
             stats.overrun,
             stats.dropped,
+            stats.reader_cpu_s,
         )
         return stats

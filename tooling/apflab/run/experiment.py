@@ -353,6 +353,7 @@ class _Experiment:
         rec.trace.bytes = stats.bytes_written
         rec.trace.overrun = stats.overrun
         rec.trace.dropped = stats.dropped
+        rec.trace.reader_cpu_s = stats.reader_cpu_s
         rec.trace.per_cpu = {str(k): v for k, v in stats.per_cpu.items()}
         for cpu, text in stats.raw.items():
             (rec.results / "host" / f"tracefs-cpu{cpu}-stats").write_text(text)

@@ -116,6 +116,8 @@ class TraceFacts:
     bytes: int = 0
     overrun: int = 0
     dropped: int = 0
+    #: CPU seconds of the trace reader (the observer's own share of the machine)
+    reader_cpu_s: float | None = None
     per_cpu: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -38,11 +38,13 @@ from pathlib import Path
 from typing import Any
 
 from apflab import paths
+from apflab.lab.l1 import Lab, LabConfig
 from apflab.process import run
 from apflab.run import dispatch
 from apflab.run.batch import Batch
 from apflab.run.scenario import Scenario
 from apflab.suite.bench import bench_analyzer
+from apflab.undo import UndoStack
 
 Emit = Callable[[str], None]
 
@@ -81,19 +83,27 @@ def warm_run(results: Path, emit: Emit) -> dict[str, Any]:
 def observer_overhead(results: Path, samples: int, emit: Emit) -> dict[str, Any]:
     """Workload seconds with tracing on and off, interleaved, in one lab."""
     seconds: dict[str, list[float]] = {"on": [], "off": []}
+    reader_cpu: list[float | None] = []  # the trace reader's CPU seconds in each "on" run
     lost = 0
     with Batch(emit) as batch:
         for _ in range(samples):
             for trace in ("on", "off"):
-                doc = batch.run(replace(Scenario(), trace=trace), results / f"trace-{trace}")
+                root = results / f"trace-{trace}"
+                doc = batch.run(replace(Scenario(), trace=trace), root)
                 wl = doc.get("workload") or {}
                 if wl.get("completed"):
                     seconds[trace].append(float(wl["seconds"]))
+                rec = root / str(doc.get("run_id")) / "run.json"
+                if trace == "on" and rec.is_file():
+                    reader_cpu.append(
+                        (json.loads(rec.read_text()).get("trace") or {}).get("reader_cpu_s")
+                    )
                 lost += int((doc.get("events") or {}).get("lost") or 0)
     on, off = statistics.median(seconds["on"]), statistics.median(seconds["off"])
     return {
         "observer_overhead_ratio": round(on / off, 3),
         "workload_s": seconds,
+        "observer_reader_cpu_s": reader_cpu,
         "observer_lost_events": lost,
     }
 
@@ -169,6 +179,34 @@ def loss_knee(results: Path, buffers_kb: tuple[int, ...], emit: Emit) -> dict[st
     }
 
 
+#: the trace reader's flood (suite/tracerate): rates (events/s), buffers, seconds each
+FLOOD_RATES = (2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000)
+FLOOD_BUFFERS_KB = (8192, 4)
+FLOOD_SECONDS = 10.0
+
+
+def reader_knee(results: Path, emit: Emit) -> dict[str, Any]:
+    """The trace reader's loss knee in L1, where the runs trace (suite/tracerate)."""
+    argv = ["apflab", "bench", "--trace-flood", ",".join(map(str, FLOOD_RATES))]
+    argv += ["--flood-buffers", ",".join(map(str, FLOOD_BUFFERS_KB))]
+    argv += ["--flood-seconds", str(FLOOD_SECONDS)]
+
+    def progress(stream: str, text: str) -> None:
+        if stream == "stderr":
+            for line in text.splitlines():
+                emit(f"  L1| {line}")
+
+    undo = UndoStack(paths.new_run_id("flood"))
+    with undo, Lab(LabConfig(), results / "flood-lab", undo) as lab:
+        res = lab.run(argv, timeout=3600, on_output=progress)
+    doc = json.loads(res.stdout)
+    knees = {int(kb): k for kb, k in doc["knee"].items()}
+    return {
+        "reader_floods": doc["floods"],
+        "reader_knee": knees,
+    }
+
+
 def peak_rss_mib(trace: Path) -> float:
     """The peak RSS of a fresh process that analyses ``trace``: its ``VmHWM``.
 
@@ -240,6 +278,7 @@ def bench(
     doc |= observer_overhead(root, samples, emit)
     doc |= boot_modes(root, samples, emit)
     doc |= loss_knee(root, knee_buffers_kb, emit)
+    doc |= reader_knee(root, emit)
     # every run with the default trace buffer (the loss sweep's smaller ones lose on purpose)
     default_kb = Scenario().trace_buffer_kb
     doc["lost_events"] = (

@@ -1,0 +1,103 @@
+"""The trace reader's own loss knee: how many events a second it keeps, losing none.
+
+The lab cannot push async PFs past ~22,000 a minute (the emulated L1 caps them), and
+at that rate no trace buffer size loses events (``perf.loss_knee``).  So the capture
+itself is pushed instead: a writer process writes ``trace_marker`` lines into a real
+:class:`~apflab.host.tracefs.TraceSession` (the one every run uses, with its kvm
+events enabled and its reader thread streaming ``trace_pipe`` to a file) at a set
+rate, and the session's loss counters (overrun + dropped) say what it lost; the lines
+in its file are counted as a cross-check.  Run where the runs trace: inside L1
+(``apflab lab run -- apflab bench --trace-flood ...``; ``perf.reader_knee`` does).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from apflab import paths
+from apflab.host.tracefs import TraceSession
+from apflab.process import run
+from apflab.undo import UndoStack
+
+#: the writer: RATE lines a second for SECONDS into trace_marker, in 10 ms steps;
+#: prints how many it wrote and in how long
+_WRITER = """
+import os, sys, time
+path, rate, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+fd = os.open(path, os.O_WRONLY)
+n, t0 = 0, time.monotonic()
+while (now := time.monotonic() - t0) < seconds:
+    due = int(rate * now)
+    while n < due:
+        os.write(fd, b"apflab flood")
+        n += 1
+    time.sleep(0.01)
+print(n, time.monotonic() - t0)
+"""
+
+#: a marker line of the flood as trace_pipe prints it
+FLOOD_TEXT = b"apflab flood"
+
+
+def flood(rate: int, seconds: float, buffer_kb: int, work: Path) -> dict[str, Any]:
+    """One flood: ``rate`` marker events/s for ``seconds`` into a fresh session."""
+    name = paths.new_run_id("flood")
+    out = work / f"{name}.trace"
+    with UndoStack(name) as undo:
+        session = TraceSession(name, out, undo, buffer_kb=buffer_kb)
+        session.start()
+        assert session.instance is not None
+        marker = session.instance / "trace_marker"
+        argv = [sys.executable, "-c", _WRITER, str(marker), str(rate), str(seconds)]
+        writer = run(argv, timeout=seconds + 120)
+        stats = session.stop()
+    written, took = writer.stdout.split()
+    with out.open("rb") as f:
+        seen = sum(chunk.count(FLOOD_TEXT) for chunk in iter(lambda: f.read(1 << 20), b""))
+    out.unlink()
+    return {
+        "buffer_kb": buffer_kb,
+        "rate": rate,
+        "written": int(written),
+        "written_per_s": round(int(written) / float(took)),
+        "seen": seen,
+        "lost": stats.lost,
+        "overrun": stats.overrun,
+        "dropped": stats.dropped,
+    }
+
+
+def sweep(
+    rates: list[int], buffers_kb: list[int], seconds: float, work: Path
+) -> list[dict[str, Any]]:
+    """For each buffer size, floods at rising rates until one loses events."""
+    rows: list[dict[str, Any]] = []
+    for kb in buffers_kb:
+        for rate in rates:
+            row = flood(rate, seconds, kb, work)
+            rows.append(row)
+            print(
+                f"flood: {kb} KB/CPU, {row['written_per_s']:,} events/s: lost {row['lost']}"
+                f" (seen {row['seen']:,} of {row['written']:,})",
+                file=sys.stderr,
+                flush=True,
+            )
+            if row["lost"] or row["seen"] < row["written"]:
+                break
+    return rows
+
+
+def knee(rows: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Per buffer: the top lossless rate and the first lossy one (events/s)."""
+    out: dict[int, dict[str, Any]] = {}
+    for kb in dict.fromkeys(r["buffer_kb"] for r in rows):
+        mine = [r for r in rows if r["buffer_kb"] == kb]
+        ok = [r["written_per_s"] for r in mine if not r["lost"] and r["seen"] == r["written"]]
+        bad = [r["written_per_s"] for r in mine if r["lost"] or r["seen"] < r["written"]]
+        out[kb] = {
+            "top_lossless_events_per_s": max(ok, default=None),
+            "first_lossy_events_per_s": min(bad, default=None),
+        }
+    return out

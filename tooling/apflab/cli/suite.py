@@ -19,6 +19,7 @@ from apflab.suite.functional import check_functional
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.trace_flood:
+        paths.runtime_root().mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="flood-", dir=paths.runtime_root()) as work:
             rows = tracerate.sweep(
                 list(args.trace_flood), list(args.flood_buffers), args.flood_seconds, Path(work)

@@ -15,6 +15,8 @@
   ring buffer shrinks (one run per size, largest first, until a size loses events):
   the emulated L1 caps the rate of async PFs, so the buffer is the axis that can be
   pushed until loss, and the rate of each run is reported beside it;
+* **reader knee** — the trace reader's own loss knee in L1: ``trace_marker`` floods
+  at rising rates into a real trace session (:mod:`apflab.suite.tracerate`);
 * **lost events** — summed over every run above with the default trace buffer (the
   tracer's overrun + dropped; the loss sweep's smaller buffers are reported apart).
 

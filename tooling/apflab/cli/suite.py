@@ -51,6 +51,8 @@ def format_full(doc: dict[str, Any]) -> str:
         ("  first lossy buffer (KB/CPU)", doc.get("loss_first_lossy_buffer_kb"), "-"),
         ("observer overhead (on/off)", doc.get("observer_overhead_ratio"), "<= 1.05"),
         *_reader_rows(doc.get("reader_knee") or {}),
+        ("guest boot, cold (s, median)", doc.get("boot_cold_s"), "-"),
+        ("guest boot, restored (s, median)", doc.get("boot_restored_s"), "< cold"),
     ]
     lines = [f"{'measure':36s} {'value':>12s}   goal"]
     lines += [f"{name:36s} {value!s:>12s}   {goal}" for name, value, goal in rows]

@@ -69,6 +69,11 @@ def flood(rate: int, seconds: float, buffer_kb: int, work: Path) -> dict[str, An
     }
 
 
+def lossy(row: dict[str, Any]) -> bool:
+    """A flood lost events: by the session's counters, or missing from its file."""
+    return bool(row["lost"]) or row["seen"] < row["written"]
+
+
 def sweep(
     rates: list[int], buffers_kb: list[int], seconds: float, work: Path
 ) -> list[dict[str, Any]]:
@@ -84,7 +89,7 @@ def sweep(
                 file=sys.stderr,
                 flush=True,
             )
-            if row["lost"] or row["seen"] < row["written"]:
+            if lossy(row):
                 break
     return rows
 
@@ -94,8 +99,8 @@ def knee(rows: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
     out: dict[int, dict[str, Any]] = {}
     for kb in dict.fromkeys(r["buffer_kb"] for r in rows):
         mine = [r for r in rows if r["buffer_kb"] == kb]
-        ok = [r["written_per_s"] for r in mine if not r["lost"] and r["seen"] == r["written"]]
-        bad = [r["written_per_s"] for r in mine if r["lost"] or r["seen"] < r["written"]]
+        ok = [r["written_per_s"] for r in mine if not lossy(r)]
+        bad = [r["written_per_s"] for r in mine if lossy(r)]
         out[kb] = {
             "top_lossless_events_per_s": max(ok, default=None),
             "first_lossy_events_per_s": min(bad, default=None),

@@ -170,7 +170,7 @@ class _LabRun:
             inner += ["apflab", "run", "--record-only", "--run-id", self.run_id]
             inner += ["--results", L1_RESULTS, *self.inner.argv(file_dir=shipped.files)]
             try:
-                res = lab.run(inner, check=False, timeout=None, on_output=_indent(self.emit))
+                res = lab.run(inner, check=False, timeout=None, on_output=indent_output(self.emit))
             except BaseException as err:  # interrupted here: stop it, keep what it has
                 self._stop_inner(lab)
                 self._keep_partial(lab, err)
@@ -328,10 +328,16 @@ def _last_apflab_line(output: str) -> str | None:
     return lines[-1].removeprefix("apflab: ") if lines else None
 
 
-def _indent(emit: Emit) -> Callable[[str, str], None]:
+def indent_output(
+    emit: Emit, streams: tuple[str, ...] = ("stdout", "stderr")
+) -> Callable[[str, str], None]:
+    """An ``on_output`` for :meth:`Lab.run` that emits whole lines of ``streams`` as
+    ``  L1| line`` (a chunk may end mid-line: the rest waits for the next one)."""
     buf = {"stdout": "", "stderr": ""}
 
     def on_output(stream: str, text: str) -> None:
+        if stream not in streams:
+            return
         buf[stream] += text
         *lines, buf[stream] = buf[stream].split("\n")
         for line in lines:

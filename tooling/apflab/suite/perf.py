@@ -192,12 +192,8 @@ def reader_knee(results: Path, emit: Emit) -> dict[str, Any]:
     argv = ["apflab", "bench", "--trace-flood", ",".join(map(str, FLOOD_RATES))]
     argv += ["--flood-buffers", ",".join(map(str, FLOOD_BUFFERS_KB))]
     argv += ["--flood-seconds", str(FLOOD_SECONDS)]
-
-    def progress(stream: str, text: str) -> None:
-        if stream == "stderr":
-            for line in text.splitlines():
-                emit(f"  L1| {line}")
-
+    # its progress is on stderr; stdout is the JSON read below
+    progress = dispatch.indent_output(emit, streams=("stderr",))
     undo = UndoStack(paths.new_run_id("flood"))
     with undo, Lab(LabConfig(), results / "flood-lab", undo) as lab:
         res = lab.run(argv, timeout=3600, on_output=progress)

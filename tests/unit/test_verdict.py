@@ -157,7 +157,7 @@ def test_invariant_failure_beats_invalid_other() -> None:
 def test_invalid_other_beats_latency_fail() -> None:
     a = analysis("stock-1-quirk.trace")  # 11 async PFs, ready→ACK max 1665 µs
     # the p99 bound alone (the 11-sample excerpt's p10, 384 µs, is above the floor)
-    tight = Thresholds(latency_p10_us={}, latency_p99_us={"ready_to_ack": 1000})
+    tight = Thresholds(latency_p10_us={}, latency_p99_us={"ready_to_ack": 1000}, min_tail_samples=1)
     v = verdict.judge(a, good_evidence(hyp_before=0, hyp_after=11), tight)
     assert v.verdict == "INVALID" and "only 11 async PFs" in v.reason
     v = verdict.judge(
@@ -165,6 +165,26 @@ def test_invalid_other_beats_latency_fail() -> None:
     )
     assert v.verdict == "FAIL"
     assert v.reason == "ready_to_ack p99 1665 us > 1000 us (11 samples)"
+
+
+def test_p99_bound_needs_min_tail_samples() -> None:
+    # stock-1 (the full trace): 813 queued page-readies, ~16k ready→ACKs
+    a = stock1()
+    queued = a.latency["queued_completed_to_ready"]
+    acks = a.latency["ready_to_ack"]
+    assert 0 < queued.count < acks.count
+    bounds = {"queued_completed_to_ready": 1, "ready_to_ack": 1}
+    # a minimum above the queued count: only ready→ACK's p99 is judged
+    tight = dataclasses.replace(TH, latency_p99_us=bounds, min_tail_samples=queued.count + 1)
+    v = verdict.judge(a, good_evidence(), tight)
+    slow = [f for f in v.findings if " p99 " in f]
+    assert v.verdict == "FAIL" and slow == [
+        f"ready_to_ack p99 {acks.percentile('99')} us > 1 us ({acks.count} samples)"
+    ]
+    # at their count the queued ones are judged too
+    low = dataclasses.replace(tight, min_tail_samples=queued.count)
+    v = verdict.judge(a, good_evidence(), low)
+    assert any(f.startswith("queued_completed_to_ready p99 ") for f in v.findings)
 
 
 @pytest.mark.parametrize(
@@ -256,6 +276,7 @@ def test_verdict_document_schema() -> None:
     for inv in doc["invariants"].values():
         assert isinstance(inv["ok"], bool) and isinstance(inv["detail"], str)
     assert doc["thresholds"]["min_async_pf"] == 1000
+    assert doc["thresholds"]["min_tail_samples"] == 500
     assert doc["halt_path"]["tokens"] == 412
     assert doc["ordering_quirk"]["ack_triggered_ready"] == 813
 

@@ -28,9 +28,10 @@ listed in ``findings``):
    :attr:`Thresholds.min_async_pf` async PFs, the workload neither completed nor
    stalled, or evidence needed for PASS is missing.  Never PASS on incomplete
    evidence.
-6. **FAIL (latency)** — a p99 or max latency bound of :class:`Thresholds` is
-   exceeded.  Statistical, so it ranks below INVALID (too few samples make
-   percentiles meaningless).
+6. **FAIL (latency)** — a p10 floor, a p99 or a max latency bound of
+   :class:`Thresholds` is exceeded (a p99 bound only on
+   :attr:`~Thresholds.min_tail_samples` samples or more).  Statistical, so it
+   ranks below INVALID (too few samples make percentiles meaningless).
 7. **PASS**.
 """
 
@@ -281,7 +282,7 @@ def _latency_failures(analysis: Analysis, th: Thresholds) -> list[str]:
         if h.count == 0:
             continue
         bound = th.latency_p99_us.get(metric)
-        p99 = h.percentile("99")
+        p99 = h.percentile("99") if h.count >= th.min_tail_samples else None
         if bound is not None and p99 is not None and p99 > bound:
             out.append(f"{metric} p99 {p99} us > {bound} us ({h.count} samples)")
         mbound = th.latency_max_us.get(metric)

@@ -26,6 +26,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             )
         print(json.dumps({"floods": rows, "knee": tracerate.knee(rows)}, indent=1))
         return EXIT_OK
+    if args.observer:
+        root = args.results.resolve() / paths.new_run_id("observer")
+        doc = perf.observer_overhead(root, args.samples, emit)
+        (args.results / "observer.json").write_text(json.dumps(doc, indent=1) + "\n")
+        print(json.dumps(doc, indent=1))
+        return EXIT_OK
     trace = args.trace or bench.default_trace()
     if args.full:
         doc = perf.bench(args.results, trace, args.samples, args.cold, emit, args.knee_buffers)
@@ -50,6 +56,7 @@ def format_full(doc: dict[str, Any]) -> str:
         ("  smallest lossless buffer (KB/CPU)", doc.get("loss_smallest_lossless_buffer_kb"), "-"),
         ("  first lossy buffer (KB/CPU)", doc.get("loss_first_lossy_buffer_kb"), "-"),
         ("observer overhead (on/off)", doc.get("observer_overhead_ratio"), "<= 1.05"),
+        ("  recording only (record/off)", doc.get("observer_record_ratio"), "-"),
         *_reader_rows(doc.get("reader_knee") or {}),
         ("guest boot, cold (s, median)", doc.get("boot_cold_s"), "-"),
         ("guest boot, restored (s, median)", doc.get("boot_restored_s"), "< cold"),
@@ -139,7 +146,15 @@ def register(sub: Any) -> None:
         help="everything make bench measures: a warm run, the tracer's overhead, the "
         "analyzer's rate and memory; writes RESULTS/bench.json",
     )
-    b.add_argument("--samples", type=positive_int, default=3, help="runs per side (--full)")
+    b.add_argument(
+        "--observer",
+        action="store_true",
+        help="only the tracer's overhead: workloads with tracing on, recording only and "
+        "off, interleaved; writes RESULTS/observer.json",
+    )
+    b.add_argument(
+        "--samples", type=positive_int, default=3, help="runs per side (--full, --observer)"
+    )
     b.add_argument("--cold", action="store_true", help="also a cold make run (--full)")
     b.add_argument(
         "--knee-buffers",

@@ -136,6 +136,10 @@ class TraceSession:
 
     :param buffer_kb: per-CPU ring buffer size (8 MiB/cpu held 17k APFs with
         no overrun in the lab, and the reader drains it continuously)
+    :param stream: read ``trace_pipe`` while tracing (the default); False leaves
+        the events in the ring buffer until :meth:`stop` drains it, so what tracing
+        costs without its reader can be measured (events past a full buffer are
+        lost, and counted)
     """
 
     def __init__(
@@ -145,8 +149,11 @@ class TraceSession:
         undo: UndoStack,
         buffer_kb: int = 8192,
         events: dict[str, str | None] | None = None,
+        *,
+        stream: bool = True,
     ) -> None:
         self.name = name
+        self.stream = stream
         self.out_path = out_path
         self.undo = undo
         self.buffer_kb = buffer_kb
@@ -184,16 +191,23 @@ class TraceSession:
             self._write(f"{edir}/enable", "1")
         self._write("trace", "")  # clear
         self.out_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(inst / "trace_pipe", os.O_RDONLY | os.O_NONBLOCK)
-        self._thread = threading.Thread(
-            target=self._pump, args=(fd,), name=f"trace-{self.name}", daemon=True
-        )
-        self._thread.start()
         self.undo.callback(self._join_reader, f"stop trace reader {self.name}")
+        if self.stream:
+            self._start_reader()
+        else:
+            self.out_path.touch()
         self._write("tracing_on", "1")
         self.mark("apflab: trace start")
         self.started_at = time.monotonic()
         log.info("trace: instance %s streaming to %s", inst, self.out_path)
+
+    def _start_reader(self) -> None:
+        assert self.instance is not None
+        fd = os.open(self.instance / "trace_pipe", os.O_RDONLY | os.O_NONBLOCK)
+        self._thread = threading.Thread(
+            target=self._pump, args=(fd,), name=f"trace-{self.name}", daemon=True
+        )
+        self._thread.start()
 
     def mark(self, text: str) -> None:
         """Write a line into our instance's trace (``tracing_mark_write``)."""
@@ -270,6 +284,9 @@ class TraceSession:
         # censored at this time (their age is measured up to here).
         self.mark("apflab: trace end")
         self._write("tracing_on", "0")
+        if not self.stream:  # drain the whole ring buffer now
+            self._stop.set()
+            self._start_reader()
         self._join_reader()
         self.check()
         stats = CaptureStats(self._bytes, round(self._reader_cpu, 2))

@@ -229,7 +229,7 @@ class _Experiment:
             vm = self.boot()
         with phases.phase("guest checks"):
             self.checks(vm)
-        if vm.accel == "kvm" and self.scenario.trace == "on":
+        if vm.accel == "kvm" and self.scenario.trace != "off":
             with phases.phase("trace start"):
                 self.start_trace()
         with phases.phase("memory limit"):
@@ -320,6 +320,7 @@ class _Experiment:
             self.trace_txt,
             self.undo,
             buffer_kb=self.scenario.trace_buffer_kb,
+            stream=self.scenario.trace == "on",
         )
         self.session.start()
         (self.rec.results / "trace-formats.txt").write_text(self.session.formats())

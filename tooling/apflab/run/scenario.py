@@ -308,8 +308,10 @@ class Scenario:
         default="on",
         metadata=opt(
             "off: no tracing, only to measure the tracer's own cost (make bench): such a run "
-            "gets no verdict",
-            choices=("on", "off"),
+            "gets no verdict; record: the events stay in the ring buffer (--trace-buffer-kb) "
+            "until the workload ends, read then, so the cost of recording shows apart from "
+            "the reader's (make bench; no live stall watch)",
+            choices=("on", "off", "record"),
         ),
     )
     thresholds: Path | None = field(

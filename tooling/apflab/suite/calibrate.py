@@ -32,7 +32,7 @@ Emit = Callable[[str], None]
 ACK_FAULTS = Path("guest_images/kernel/patches/ack-faults.patch")
 DELAYS_US = (100, 250, 500, 1000, 5000)
 #: the other ways to break the ACK (guest_images/kernel/patches/ack-faults.patch)
-FAULT_MODES = ("zero", "before-clear", "every:2", "deferred:2000")
+FAULT_MODES = ("zero", "before-clear", "every:2", "deferred:2000", "spike:40000")
 PERCENTILES = ("p10", "p50", "p90", "p99", "max")
 
 

@@ -13,7 +13,7 @@ import pytest
 import apflab as apflab_pkg
 from apflab.cli import output
 from apflab.cli import regress as cli_regress
-from apflab.cli.exitcodes import EXIT_USAGE
+from apflab.cli.exitcodes import EXIT_ERROR, EXIT_USAGE
 from apflab.cli.main import main
 from apflab.host import doctor, kvm, leftovers
 from apflab.regress import store
@@ -148,6 +148,32 @@ def test_output_whose_reader_left_is_not_a_crash(tmp_path: Path) -> None:
         os.close(write)
     assert res.returncode == 141, res.stderr
     assert res.stderr == ""
+    assert not (tmp_path / "crashes").exists()
+
+
+def test_output_to_a_full_device_is_one_line(tmp_path: Path) -> None:
+    """``apflab analyze ... > /dev/full``: one line naming the full disk, exit 3, no
+    crash log (it was an "unexpected OSError" with a traceback file)."""
+    trace = F / "traces" / "stock-1-quirk.trace"
+    env = {
+        **os.environ,
+        "APFLAB_RUNTIME": str(tmp_path),
+        "PYTHONPATH": str(Path(apflab_pkg.__file__).parents[1]),
+    }
+    with open("/dev/full", "w") as full:
+        res = subprocess.run(
+            [sys.executable, "-m", "apflab", "analyze", str(trace)],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            check=False,
+        )
+    assert res.returncode == EXIT_ERROR, res.stderr
+    assert res.stderr.splitlines() == [
+        "apflab: ERROR: No space left on device while writing the output (stdout or the "
+        "results directory): free some space, or send them elsewhere"
+    ]
     assert not (tmp_path / "crashes").exists()
 
 

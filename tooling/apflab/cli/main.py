@@ -3,6 +3,7 @@ error family maps to an exit code (:mod:`apflab.cli.exitcodes`)."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -93,8 +94,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         # ours, and nothing more can be said on stdout (its flush at exit would fail too)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
+    except OSError as err:
+        if err.errno not in _DISK_FULL or err.filename is not None:
+            return _unexpected(err)
+        # a write with no file name: stdout (`apflab analyze ... > /dev/full`) or an open
+        # results file on a full disk; the flush at exit would fail again
+        print(
+            f"apflab: ERROR: {err.strerror} while writing the output (stdout or the results "
+            "directory): free some space, or send them elsewhere",
+            file=sys.stderr,
+        )
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
     except Exception as err:  # a bug of ours: one line here, the traceback in a file
         return _unexpected(err)
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def _unexpected(err: Exception) -> int:

@@ -85,6 +85,9 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
         (["judge", "/etc"], "not a run's results dir"),
         (["nightly", "--matrix", "/etc/passwd"], "not a yaml_to_mux variants file"),
         (["nightly", "--matrix", str(BAD / "matrix-bad-value.yaml")], "'abc' is not an integer"),
+        (["calibrate", "--only", "nothing"], "--only nothing: no such cell (cells: unpatched"),
+        (["calibrate", "--delays", "0,5"], "'0,5' is not a comma-separated list of µs > 0"),
+        (["bench", "--trace-flood", ""], "'' is not a comma-separated list of events/s"),
     ],
 )
 def test_bad_input(

@@ -13,6 +13,7 @@ from apflab import paths
 from apflab.cli.args import existing_file, positive_int
 from apflab.cli.exitcodes import EXIT_OK
 from apflab.cli.output import emit
+from apflab.errors import UsageError
 from apflab.suite import bench, calibrate, perf, tracerate
 from apflab.suite.functional import check_functional
 
@@ -99,28 +100,26 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         return EXIT_OK
     cells = calibrate.default_cells(args.delays, args.modes)
     if args.only:
+        unknown = sorted(set(args.only) - {c.name for c in cells})
+        if unknown:
+            known = ", ".join(c.name for c in cells)
+            raise UsageError(f"--only {', '.join(unknown)}: no such cell (cells: {known})")
         cells = [c for c in cells if c.name in args.only]
     root = calibrate.calibrate(cells, args.samples, args.results, emit)
     print(f"calibration: {root / 'summary.md'}")
     return EXIT_OK
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of µs") from None
-
-
-def _positive_ints(what: str) -> Callable[[str], tuple[int, ...]]:
-    """A parser of ``N,N,...`` (each > 0) whose error names ``what`` they are."""
+def _positive_ints(what: str, *, empty: bool = False) -> Callable[[str], tuple[int, ...]]:
+    """A parser of ``N,N,...`` (each > 0; none at all only when ``empty``) whose error
+    names ``what`` they are."""
 
     def parse(text: str) -> tuple[int, ...]:
         try:
             values = tuple(int(x) for x in text.split(",") if x)
         except ValueError:
-            values = ()
-        if not values or min(values) <= 0:
+            values = (0,)
+        if (not values and not empty) or (values and min(values) <= 0):
             raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {what}")
         return values
 
@@ -129,6 +128,7 @@ def _positive_ints(what: str) -> Callable[[str], tuple[int, ...]]:
 
 _sizes = _positive_ints("KB > 0")
 _rates = _positive_ints("events/s > 0")
+_delays = _positive_ints("µs > 0", empty=True)
 
 
 def cmd_check_functional(args: argparse.Namespace) -> int:
@@ -185,7 +185,7 @@ def register(sub: Any) -> None:
         "calibrate", help="the calibration runs: kernels x samples in one lab, tabulated"
     )
     k.add_argument("--samples", type=positive_int, default=5)
-    k.add_argument("--delays", type=_ints, default=list(calibrate.DELAYS_US), metavar="US,US,...")
+    k.add_argument("--delays", type=_delays, default=calibrate.DELAYS_US, metavar="US,US,...")
     k.add_argument(
         "--modes",
         type=lambda t: [m for m in t.split(",") if m],

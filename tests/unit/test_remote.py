@@ -18,6 +18,7 @@ import pytest
 from apflab.errors import UsageError
 from apflab.regress import nightly, remote
 from apflab.regress.store import Store
+from apflab.run import matrix as matrix_mod
 
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA3SvW8I26sSuKK+7bhcD70oAR+t1jL2xiS1lUkh4IBZ"
 MATRIX = """\
@@ -124,7 +125,7 @@ def test_variant_ids_name_the_cells_of_the_matrix(tmp_path: Path) -> None:
     matrix.write_text(MATRIX)
     variants = remote.variant_cells(matrix, files.samples)
     assert len(variants) == 4
-    assert {v.cell for v in variants.values()} == {c.name for c in nightly.cells_of(matrix)}
+    assert {v.cell for v in variants.values()} == {c.name for c in matrix_mod.cells_of(matrix)}
     assert sorted((v.cell, v.sample) for v in variants.values()) == [
         ("late_ack", 1),
         ("late_ack", 2),

@@ -45,6 +45,7 @@ from apflab import paths
 from apflab.errors import ApflabError, UsageError
 from apflab.regress import changes, nightly
 from apflab.regress.store import Store
+from apflab.run.matrix import Cell
 
 Emit = Callable[[str], None]
 
@@ -421,7 +422,7 @@ def store_night(
     matrix: Path,
     samples: Path,
     store_url: str,
-    cells: list[nightly.Cell],
+    cells: list[Cell],
     base: str,
 ) -> nightly.Night:
     """The job's runs (``hosts_dir/<host>/<test dirs>``) laid out under ``root`` and
@@ -611,10 +612,10 @@ def collect_runs(
     return sorted(runs, key=lambda r: (r["sample"], r["cell"]))
 
 
-def compare_tonight(root: Path, cells: list[nightly.Cell], base: str) -> dict[str, dict[str, Any]]:
+def compare_tonight(root: Path, cells: list[Cell], base: str) -> dict[str, dict[str, Any]]:
     """Each cell against the baseline; a cell with no run back is a FAIL of the night."""
 
-    def has_runs(cell: nightly.Cell) -> bool:
+    def has_runs(cell: Cell) -> bool:
         return any((root / cell.name).glob("*/verdict.json"))
 
     out = {

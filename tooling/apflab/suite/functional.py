@@ -132,7 +132,7 @@ def prebuild_kernels(matrix: Path) -> None:
     another, before a lab is up: a cold build then has both cores, not two minus an
     idle TCG L1 (458 s for debian-6.1 with the lab up, 2026-12-03), and a kernel
     that does not build fails here in one line, not inside a test."""
-    from apflab.regress.nightly import cells_of  # noqa: PLC0415 (imports Avocado)
+    from apflab.run.matrix import cells_of  # noqa: PLC0415 (imports Avocado)
 
     t0 = time.monotonic()
     # in the file's order: the unpatched build first, the patched ones grow from its tree

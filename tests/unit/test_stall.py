@@ -35,3 +35,22 @@ def test_the_no_ack_kernel_is_caught_while_the_trace_streams(tmp_path: Path) -> 
 def test_a_healthy_run_never_stalls(tmp_path: Path) -> None:
     watch = stream(TRACES / "stock-1-full.trace.xz", tmp_path, chunk=1 << 16)
     assert watch.found is None
+    # page-readies kept coming: the counts never suspected a stall, so the trace was
+    # never analysed while it streamed (what made the first watch expensive in L1)
+    assert watch.confirmations == 0
+
+
+def test_the_stall_is_confirmed_by_one_analysis(tmp_path: Path) -> None:
+    # tiny-noack-2 in 4 KB pieces: the counts suspect the stall at the first poll after
+    # the 140 s gap, and one analysis of the whole trace confirms it and names the token
+    with open_trace(TRACES / "tiny-noack-2.trace") as f:
+        data = f.read().encode()
+    out = tmp_path / "trace.txt"
+    out.write_bytes(b"")
+    watch = StallWatch(out, lambda text: None, None, stall_s=10.0)
+    with pytest.raises(Stalled):
+        for i in range(0, len(data), 4096):
+            with out.open("ab") as f:
+                f.write(data[i : i + 4096])
+            watch.poll()
+    assert watch.confirmations == 1

@@ -2,11 +2,20 @@
 
 A guest whose ACK is broken stops getting page-readies for good (lab notes 5b):
 its workload would then sit until the deadline.  :class:`StallWatch` follows the
-trace file as the tracer writes it, feeds the events to a
-:class:`~apflab.analysis.analyzer.LiveAnalysis` and raises :class:`Stalled` as soon
-as a token has been outstanding longer than the stall bound, so a broken kernel
-costs seconds, not the whole deadline.  The trace clock's "now" comes from a
-``trace_marker`` line written at every poll (the guest may be silent).
+trace file as the tracer writes it and raises :class:`Stalled` as soon as a token
+has been outstanding longer than the stall bound, so a broken kernel costs seconds,
+not the whole deadline.  The trace clock's "now" comes from a ``trace_marker`` line
+written at every poll (the guest may be silent).
+
+It must cost next to nothing, because it runs beside the guest: in the nested lab on
+L1's one emulated vCPU, where parsing and analysing every event as it came (the first
+design) took ~10 s of a 60 s workload, most of the tracer's overhead (make bench's
+``record`` runs, docs/performance.md).  So each poll only *counts* the not_present
+and ready lines of the new text (``bytes.count``, no parsing), keeping a lower bound
+on the tokens outstanding, and the time since a page-ready last came while some
+were.  Only when that time passes the bound does it analyse the whole trace once
+(:class:`~apflab.analysis.analyzer.LiveAnalysis`) to confirm the stall and name the
+oldest token, so it raises exactly when the analysis of the trace says so.
 """
 
 from __future__ import annotations
@@ -16,9 +25,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from apflab.analysis.analyzer import LiveAnalysis
-from apflab.analysis.parse import iter_events
+from apflab.analysis.parse import iter_events, open_trace, parse_line
 
 log = logging.getLogger(__name__)
+
+_NOT_PRESENT = b": kvm_async_pf_not_present: "
+_READY = b": kvm_async_pf_ready: "
+_WAKE_ALL = b": kvm_async_pf_ready: token 0xffffffff "
 
 
 class Stalled(Exception):
@@ -42,14 +55,22 @@ class StallWatch:
         stall_s: float,
     ) -> None:
         self.trace, self.mark = trace, mark
+        self.vcpu_of_pid = vcpu_of_pid
         self.stall_us = int(stall_s * 1_000_000)
-        self._live = LiveAnalysis(vcpu_of_pid)
         self._offset = 0
         self._partial = b""
+        #: a lower bound on the tokens outstanding: each ready takes away at most one,
+        #: a wake-all at most all (of its vCPU), and a ready of a token from before the
+        #: trace began none, so the count, floored at 0, never exceeds the truth
+        self._outstanding = 0
+        #: trace time (µs) since when tokens have been outstanding with no page-ready:
+        #: the tokens counted then are all still outstanding, so at least this old
+        self._since_us: int | None = None
+        self.confirmations = 0  # full analyses run (once per suspected stall)
         self.found: str | None = None
 
     def poll(self) -> None:
-        """Read what the tracer wrote since the last poll; raise :class:`Stalled`."""
+        """Count what the tracer wrote since the last poll; raise :class:`Stalled`."""
         self.mark("apflab: stall check")
         try:
             with self.trace.open("rb") as f:
@@ -58,15 +79,61 @@ class StallWatch:
         except FileNotFoundError:
             return
         self._offset += len(data)
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()
-        self._live.feed(iter_events(line.decode(errors="replace") for line in lines))
-        oldest = self._live.oldest_outstanding()
-        if oldest is not None and oldest.age_us > self.stall_us:
-            where = f"vCPU {oldest.vcpu}" if oldest.vcpu is not None else f"pid {oldest.pid}"
-            self.found = (
-                f"token {oldest.token:#x} on {where} outstanding for "
-                f"{oldest.age_us / 1e6:.1f} s (bound {self.stall_us / 1e6:g} s)"
-            )
-            log.warning("stall: %s: stopping the workload", self.found)
-            raise Stalled(self.found)
+        text = self._partial + data
+        end = text.rfind(b"\n") + 1
+        self._partial = text[end:]
+        chunk = text[:end]
+        now = _last_ts_us(chunk)
+        if now is None:
+            return
+        readies = chunk.count(_READY)
+        wake = chunk.rfind(_WAKE_ALL)
+        if wake >= 0:  # what a wake-all left: at least the tokens announced after it
+            tail = chunk[wake + 1 :]
+            outstanding = tail.count(_NOT_PRESENT) - tail.count(_READY)
+        else:
+            outstanding = self._outstanding + chunk.count(_NOT_PRESENT) - readies
+        self._outstanding = max(0, outstanding)
+        if readies or not self._outstanding:
+            self._since_us = None
+        if self._outstanding and self._since_us is None:
+            self._since_us = now
+        if self._since_us is not None and now - self._since_us > self.stall_us:
+            self._confirm(now)
+
+    def _confirm(self, now_us: int) -> None:
+        """The whole trace analysed once: raise :class:`Stalled` if its oldest token is
+        older than the bound; otherwise count from now again."""
+        self.confirmations += 1
+        live = LiveAnalysis(self.vcpu_of_pid)
+        with open_trace(self.trace) as f:
+            live.feed(iter_events(f))
+        oldest = live.oldest_outstanding()
+        if oldest is None or oldest.age_us <= self.stall_us:
+            self._since_us = now_us
+            return
+        where = f"vCPU {oldest.vcpu}" if oldest.vcpu is not None else f"pid {oldest.pid}"
+        self.found = (
+            f"token {oldest.token:#x} on {where} outstanding for "
+            f"{oldest.age_us / 1e6:.1f} s (bound {self.stall_us / 1e6:g} s)"
+        )
+        log.warning("stall: %s: stopping the workload", self.found)
+        raise Stalled(self.found)
+
+
+def _last_ts_us(chunk: bytes) -> int | None:
+    """The trace time of the last event line of ``chunk`` (a marker, usually)."""
+    start = len(chunk)
+    for _ in range(16):  # a few lines back at most: other lines have no event we know
+        if start <= 0:
+            return None
+        nl = chunk.rfind(b"\n", 0, start - 1)
+        line = chunk[nl + 1 : start].decode(errors="replace")
+        start = nl + 1
+        try:
+            ev = parse_line(line)
+        except ValueError:
+            ev = None
+        if ev is not None:
+            return ev.ts_us
+    return None

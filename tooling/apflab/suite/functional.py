@@ -129,9 +129,9 @@ def _kvm_tests(out: Path, failures: list[str]) -> list[dict[str, Any]]:
 
 def prebuild_kernels(matrix: Path) -> None:
     """Build (or find cached) every guest kernel of the matrix's variants, one after
-    another, before a lab is up: a cold build then has both cores, not two minus an
-    idle TCG L1 (458 s for debian-6.1 with the lab up, 2026-12-03), and a kernel
-    that does not build fails here in one line, not inside a test."""
+    another, before a lab is up: a kernel that does not build fails here, before any
+    VM, and the tests' times are their own.  (Not faster: a cold debian-6.1 build took
+    439 s here against 458 s beside the suite's idle L1, 2026-12-03.)"""
     from apflab.run.matrix import cells_of  # noqa: PLC0415 (imports Avocado)
 
     t0 = time.monotonic()

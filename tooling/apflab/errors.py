@@ -11,6 +11,9 @@ exit code (see :mod:`apflab.cli`):
 
 from __future__ import annotations
 
+import errno
+from typing import TypeGuard
+
 
 class ApflabError(Exception):
     """Root of every error raised by apflab."""
@@ -106,3 +109,9 @@ class HostError(ApflabError):
 
 class AnalysisError(ApflabError):
     """A trace could not be read or analysed."""
+
+
+def is_disk_full(err: BaseException) -> TypeGuard[OSError]:
+    """A write that failed because the disk (or the quota) under it is full: the
+    host's condition to name, not a bug of ours."""
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -3,7 +3,6 @@ error family maps to an exit code (:mod:`apflab.cli.exitcodes`)."""
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import select
@@ -17,7 +16,7 @@ from apflab import __version__, paths
 from apflab.cli import host, kernel, lab, regress, run, suite
 from apflab.cli.args import Parser
 from apflab.cli.exitcodes import EXIT_ERROR, EXIT_USAGE
-from apflab.errors import ApflabError, PreflightError, UsageError
+from apflab.errors import ApflabError, PreflightError, UsageError, is_disk_full
 
 log = logging.getLogger("apflab")
 
@@ -92,10 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _unexpected(err)
         # `apflab analyze ... | head`: the reader has what it wanted; not an error of
         # ours, and nothing more can be said on stdout (its flush at exit would fail too)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _mute_stdout()
         return 128 + signal.SIGPIPE
     except OSError as err:
-        if err.errno not in _DISK_FULL or err.filename is not None:
+        if not is_disk_full(err) or err.filename is not None:
             return _unexpected(err)
         # a write with no file name: stdout (`apflab analyze ... > /dev/full`) or an open
         # results file on a full disk; the flush at exit would fail again
@@ -104,13 +103,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             "directory): free some space, or send them elsewhere",
             file=sys.stderr,
         )
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _mute_stdout()
         return EXIT_ERROR
     except Exception as err:  # a bug of ours: one line here, the traceback in a file
         return _unexpected(err)
 
 
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+def _mute_stdout() -> None:
+    """Point stdout at /dev/null: what is still buffered for it cannot be written, and
+    its flush at exit would fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _unexpected(err: Exception) -> int:

@@ -14,7 +14,6 @@ Every phase is timed; every host change is on the run's undo stack.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import lzma
@@ -35,6 +34,7 @@ from apflab.errors import (
     PreflightError,
     UsageError,
     VMError,
+    is_disk_full,
 )
 from apflab.host import kvm, tracefs
 from apflab.images.build import ensure
@@ -179,7 +179,7 @@ def _write_cut_short(rec: RunRecord, err: BaseException) -> None:
 def disk_full(err: BaseException, results: Path) -> str | None:
     """The words for a run stopped by a full disk (ENOSPC, EDQUOT), else None: not a
     bug of ours but the host's, named with the filesystem that filled."""
-    if not isinstance(err, OSError) or err.errno not in (errno.ENOSPC, errno.EDQUOT):
+    if not is_disk_full(err):
         return None
     return f"the disk under {results} filled up during the run ({err.strerror})"
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -128,25 +129,31 @@ def test_analyze_prints_the_contract_parts(capsys: pytest.CaptureFixture[str]) -
         assert key in out
 
 
-def test_output_whose_reader_left_is_not_a_crash(tmp_path: Path) -> None:
-    """``apflab analyze ... | head``: exit 141 (SIGPIPE), no crash log, nothing on stderr."""
+def analyze_into(stdout: int | IO[str], runtime: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m apflab analyze`` of a small real trace, its stdout into ``stdout``
+    and its runtime root (where a crash log would go) at ``runtime``."""
     trace = F / "traces" / "stock-1-quirk.trace"
     env = {
         **os.environ,
-        "APFLAB_RUNTIME": str(tmp_path),
+        "APFLAB_RUNTIME": str(runtime),
         "PYTHONPATH": str(Path(apflab_pkg.__file__).parents[1]),
     }
+    return subprocess.run(
+        [sys.executable, "-m", "apflab", "analyze", str(trace)],
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        check=False,
+    )
+
+
+def test_output_whose_reader_left_is_not_a_crash(tmp_path: Path) -> None:
+    """``apflab analyze ... | head``: exit 141 (SIGPIPE), no crash log, nothing on stderr."""
     read, write = os.pipe()
     os.close(read)  # the reader is gone before apflab writes
     try:
-        res = subprocess.run(
-            [sys.executable, "-m", "apflab", "analyze", str(trace)],
-            stdout=write,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-            check=False,
-        )
+        res = analyze_into(write, tmp_path)
     finally:
         os.close(write)
     assert res.returncode == 141, res.stderr
@@ -157,21 +164,8 @@ def test_output_whose_reader_left_is_not_a_crash(tmp_path: Path) -> None:
 def test_output_to_a_full_device_is_one_line(tmp_path: Path) -> None:
     """``apflab analyze ... > /dev/full``: one line naming the full disk, exit 3, no
     crash log (it was an "unexpected OSError" with a traceback file)."""
-    trace = F / "traces" / "stock-1-quirk.trace"
-    env = {
-        **os.environ,
-        "APFLAB_RUNTIME": str(tmp_path),
-        "PYTHONPATH": str(Path(apflab_pkg.__file__).parents[1]),
-    }
     with open("/dev/full", "w") as full:
-        res = subprocess.run(
-            [sys.executable, "-m", "apflab", "analyze", str(trace)],
-            stdout=full,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-            check=False,
-        )
+        res = analyze_into(full, tmp_path)
     assert res.returncode == EXIT_ERROR, res.stderr
     assert res.stderr.splitlines() == [
         "apflab: ERROR: No space left on device while writing the output (stdout or the "

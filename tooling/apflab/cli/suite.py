@@ -118,8 +118,8 @@ def _positive_ints(what: str, *, empty: bool = False) -> Callable[[str], tuple[i
         try:
             values = tuple(int(x) for x in text.split(",") if x)
         except ValueError:
-            values = (0,)
-        if (not values and not empty) or (values and min(values) <= 0):
+            values = None
+        if values is None or (not values and not empty) or min(values, default=1) <= 0:
             raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {what}")
         return values
 

@@ -199,7 +199,8 @@ class TraceSession:
         self._write("tracing_on", "1")
         self.mark("apflab: trace start")
         self.started_at = time.monotonic()
-        log.info("trace: instance %s streaming to %s", inst, self.out_path)
+        how = "streaming to" if self.stream else "recording, to be read after it stops into"
+        log.info("trace: instance %s %s %s", inst, how, self.out_path)
 
     def _start_reader(self) -> None:
         assert self.instance is not None

@@ -123,3 +123,9 @@ def test_leftover_mounts_are_read_from_this_hosts_mountinfo() -> None:
     """This process's real mount table: /proc is found by name, nothing of ours is."""
     assert "mount /proc" in leftovers._mounts("proc")
     assert leftovers._mounts(None) == []
+
+
+def test_page_cache_of_both_versions() -> None:
+    v2 = procfs.parse_flat_keyed(read("v2-lab-cold-before.memory.stat"))
+    assert cgroup.page_cache_of(v2, 2) == 54464512  # its "file" line, read by hand
+    assert cgroup.page_cache_of(procfs.parse_flat_keyed(read("v1-memory.stat")), 1) == 0

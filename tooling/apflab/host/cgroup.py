@@ -268,6 +268,9 @@ class MemoryCgroup:
         events["oom_kill"] = oom.get("oom_kill", 0)
         return events
 
+    def page_cache_bytes(self) -> int:
+        return page_cache_of(self.memory_stat(), self.version)
+
     def usage_bytes(self) -> int:
         name = "memory.current" if self.version == 2 else "memory.usage_in_bytes"
         return int(self._read(name).strip())
@@ -292,6 +295,14 @@ class MemoryCgroup:
             "swap_bytes": stat.get("total_swap", stat.get("swap", 0)),
             "anon_bytes": stat.get("total_rss", stat.get("rss", 0)),
         }
+
+
+def page_cache_of(stat: dict[str, int], version: int) -> int:
+    """File pages charged to a cgroup, from its memory.stat (v2 ``file``, v1
+    ``total_cache``, else ``cache``)."""
+    if version == 2:
+        return stat.get("file", 0)
+    return stat.get("total_cache", stat.get("cache", 0))
 
 
 def check_children(info: CgroupInfo) -> None:

@@ -22,6 +22,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from apflab import paths
 from apflab.analysis import verdict
@@ -40,7 +41,7 @@ from apflab.host import kvm, tracefs
 from apflab.images.build import ensure
 from apflab.run import guest_kernel
 from apflab.run.phases import Emit, Phases
-from apflab.run.pressure import Pressure, preflight
+from apflab.run.pressure import SAVED_PAGE_CACHE, Pressure, page_cache_credit, preflight
 from apflab.run.records import (
     ApfFacts,
     GuestFacts,
@@ -278,7 +279,16 @@ class _Experiment:
             rec.guest.threads_in_cgroup = len(self.pressure.attach(g.pid))
             rec.guest.qemu_thp_enabled = _thp_enabled(g.pid)
 
-        vm = Guest(self.cfg, rec.results / "logs", self.undo, before_start=move_into_cgroup)
+        def host_at_save() -> dict[str, Any]:
+            return {SAVED_PAGE_CACHE: self.pressure.page_cache_bytes()}
+
+        vm = Guest(
+            self.cfg,
+            rec.results / "logs",
+            self.undo,
+            before_start=move_into_cgroup,
+            on_save=host_at_save,
+        )
         try:
             vm.start()  # on any error below, the undo stack kills QEMU (after the trace stops)
         finally:
@@ -328,7 +338,17 @@ class _Experiment:
     def squeeze(self) -> None:
         self.pressure.report.before = self.pressure.snapshot()
         self.pressure.save_raw(self.rec.results / "host", "before")
-        self.pressure.apply()
+        saved = self.rec.guest.saved_boot or {}
+        host = saved.get("host")
+        credit = page_cache_credit(
+            host if isinstance(host, dict) else None, self.pressure.page_cache_bytes()
+        )
+        self.pressure.apply(credit)
+        if credit >> 20:
+            self.emit(
+                f"          memory: limit {self.scenario.limit} + {credit >> 20} MiB, the page "
+                "cache the saved boot's cold boot held (the same squeeze as a cold boot)"
+            )
 
     def evidence(self, vm: Guest) -> None:
         self.pressure.report.after = self.pressure.snapshot()

@@ -139,6 +139,10 @@ class PressureReport:
     cgroup_version: int = 0
     #: how long the kernel took to reclaim down to the limit
     reclaim_seconds: float | None = None
+    #: the limit applied: the scenario's, plus :func:`page_cache_credit` for a
+    #: restored guest (0 for a cold one)
+    limit_mb: int = 0
+    limit_credit_mb: int = 0
 
     def delta(self, key: str) -> int:
         if self.before is None or self.after is None:
@@ -160,6 +164,8 @@ class PressureReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "reclaim_seconds": self.reclaim_seconds,
+            "limit_mb": self.limit_mb,
+            "limit_credit_mb": self.limit_credit_mb,
             "cgroup": {"version": self.cgroup_version, "path": self.cgroup_path},
             "swap_area": self.swap_area,
             "swap_out_mb": round(self.swap_out_bytes / (1 << 20), 1),
@@ -189,7 +195,31 @@ class PressureReport:
             cgroup_path=d["cgroup"]["path"],
             cgroup_version=int(d["cgroup"]["version"]),
             reclaim_seconds=d["reclaim_seconds"],
+            limit_mb=int(d.get("limit_mb", 0)),
+            limit_credit_mb=int(d.get("limit_credit_mb", 0)),
         )
+
+
+#: the key of the record a saved boot keeps (apflab.vm.snapshot ``meta["host"]``)
+SAVED_PAGE_CACHE = "cgroup_page_cache_bytes"
+
+
+def page_cache_credit(saved_host: dict[str, Any] | None, now_bytes: int) -> int:
+    """How much to add to the limit of a guest restored from a saved boot, so that
+    it is squeezed as its cold boot would have been (bytes, >= 0).
+
+    A cold QEMU reads the guest's kernel, initrd and disk through the page cache
+    while it boots, inside the cgroup: 46-52 MiB of clean pages that the squeeze
+    reclaims before any guest RAM.  A restored QEMU has not read them, so under
+    the same limit it swaps that much more of the guest: 25-28k async PFs and a
+    longer workload instead of 16-17k (docs/performance.md, "Saved boots").  The
+    saved boot keeps the page cache its cold boot held (:data:`SAVED_PAGE_CACHE`);
+    the credit is that minus what the restored one holds now.  None or no record
+    (a cold boot): 0.
+    """
+    if not saved_host or SAVED_PAGE_CACHE not in saved_host:
+        return 0
+    return max(0, int(saved_host[SAVED_PAGE_CACHE]) - now_bytes)
 
 
 class Pressure:
@@ -257,14 +287,21 @@ class Pressure:
             time.monotonic(), cg.counters(), {k: vm.get(k, 0) for k in VMSTAT_KEYS}, used
         )
 
-    def apply(self, settle_s: float = 60.0) -> float:
-        """Lower the limit to the scenario value and wait until usage is under it.
+    def page_cache_bytes(self) -> int:
+        return self.require_cg().page_cache_bytes()
+
+    def apply(self, credit_bytes: int = 0, settle_s: float = 60.0) -> float:
+        """Lower the limit to the scenario value (plus ``credit_bytes``, see
+        :func:`page_cache_credit`) and wait until usage is under it.
 
         :return: seconds the reclaim took
         """
         cg = self.require_cg()
         t0 = time.monotonic()
-        limit = self.spec.limit_mb << 20
+        credit_mb = credit_bytes >> 20
+        self.report.limit_mb = self.spec.limit_mb + credit_mb
+        self.report.limit_credit_mb = credit_mb
+        limit = self.report.limit_mb << 20
         writes = cg.lower_limit(limit)
         log.debug("pressure: limit reached in %d write(s)", writes)
         while cg.usage_bytes() > limit and time.monotonic() - t0 < settle_s:
@@ -273,8 +310,11 @@ class Pressure:
         took = time.monotonic() - t0
         self.report.reclaim_seconds = round(took, 1)
         log.info(
-            "pressure: limit %d MiB applied; usage %.0f MiB after %.1fs",
-            self.spec.limit_mb,
+            "pressure: limit %d MiB applied%s; usage %.0f MiB after %.1fs",
+            self.report.limit_mb,
+            f" ({self.spec.limit_mb} + {credit_mb} MiB of page cache the cold boot held)"
+            if credit_mb
+            else "",
             cg.usage_bytes() / (1 << 20),
             took,
         )

@@ -145,11 +145,14 @@ def boot_modes(results: Path, samples: int, emit: Emit) -> dict[str, Any]:
                 root = results / f"boot-{kind}"
                 doc = batch.run(replace(Scenario(), boot=mode), root)
                 rec = root / str(doc.get("run_id")) / "run.json"
-                guest = json.loads(rec.read_text()).get("guest", {}) if rec.is_file() else {}
+                run_json = json.loads(rec.read_text()) if rec.is_file() else {}
+                guest = run_json.get("guest", {})
                 runs[kind].append(
                     {
                         "boot_mode": guest.get("boot_mode"),
                         "boot_s": guest.get("boot_seconds"),
+                        "limit_mb": (run_json.get("pressure") or {}).get("limit_mb"),
+                        "workload_s": (run_json.get("phases_s") or {}).get("workload"),
                         "verdict": doc.get("verdict"),
                         "async_pfs": (doc.get("events") or {}).get("not_present"),
                         "lost": (doc.get("events") or {}).get("lost"),

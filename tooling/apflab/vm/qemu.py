@@ -160,6 +160,9 @@ class Guest:
     :param before_start: called once QEMU is up and QMP connected but before
         the vCPUs run (QEMU starts with ``-S``): the moment to move QEMU into a
         cgroup so that all of the guest's memory is charged there
+    :param on_save: called when a cold boot is about to be saved (the guest
+        synced, not yet stopped); what it returns is kept with the saved boot
+        (``saved_boot["host"]`` of a guest restored from it)
     """
 
     def __init__(
@@ -169,9 +172,11 @@ class Guest:
         undo: UndoStack | None = None,
         before_start: Callable[[Guest], None] | None = None,
         log_prefix: str | None = None,
+        on_save: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.config = config
         self._before_start = before_start
+        self._on_save = on_save
         self.name = config.name
         self.log_dir = log_dir
         self._own_undo = undo is None
@@ -436,6 +441,7 @@ class Guest:
     def _write_saved(self, staging: Path, ident: dict[str, Any], cold_s: float) -> float:
         """Save the running guest into ``staging``; returns the migration's seconds."""
         self.run(["sync"], timeout=60)
+        host = self._on_save() if self._on_save is not None else {}
         self.qmp.cmd("stop")
         seconds = snapshot.save(self.qmp, staging / "memory.bin")
         disk = staging / "disk.qcow2"
@@ -449,7 +455,7 @@ class Guest:
             ]
         )
         shutil.copyfile(self.console_log, staging / "console.log")
-        snapshot.write_meta(staging, ident, cold_s)
+        snapshot.write_meta(staging, ident, cold_s, host)
         return seconds
 
     def _restore(self, saved: snapshot.SavedBoot) -> None:

@@ -49,7 +49,8 @@ log = logging.getLogger(__name__)
 #: saved boots kept in the cache (the least recently used go first)
 KEEP = 6
 #: bump when the layout of a saved boot changes: older ones are not used
-FORMAT = 1
+#: (2: meta.json keeps what the host held for the guest when it was saved)
+FORMAT = 2
 #: a save or a restore that takes longer is broken (a restore takes seconds)
 MIGRATION_TIMEOUT_S = 300.0
 
@@ -239,10 +240,15 @@ class Store:
             self.discard(d.name)
 
 
-def write_meta(staging: Path, ident: dict[str, Any], boot_seconds: float) -> None:
+def write_meta(
+    staging: Path, ident: dict[str, Any], boot_seconds: float, host: dict[str, Any] | None = None
+) -> None:
+    """``host``: what the host held for the guest at the save (the caller's record,
+    e.g. the page cache its cold boot left in the memory cgroup)."""
     meta = {
         "identity": ident,
         "boot_seconds": round(boot_seconds, 1),
+        "host": host or {},
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "memory_bytes": (staging / "memory.bin").stat().st_size,
     }

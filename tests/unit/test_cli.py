@@ -60,7 +60,7 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
         (["lab", "run", "--", "true"], "no lab is up"),
         (["analyze", "/etc/passwd"], "no kvm async-PF trace event in its"),
         (["analyze", str(TRUNCATED)], "truncated or corrupt"),
-        (["analyze", "/"], "does not exist or is not a file"),
+        (["analyze", "/"], "neither a trace file nor a raw capture"),
         (["run", "--results", "/etc/passwd/x"], "--results /etc/passwd/x: cannot create it"),
         (["run", "--trace-buffer-kb", "99999999"], "do not fit in a quarter of"),
         (["run", "--swap-device", "/dev/nonexistent"], "does not exist: name a block device"),

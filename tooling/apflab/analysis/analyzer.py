@@ -29,6 +29,7 @@ import zlib
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
+from apflab.analysis import ringbuf
 from apflab.analysis.acks import AckMatcher
 from apflab.analysis.classify import AUTO, choose_classification
 from apflab.analysis.invariants import check_invariants
@@ -346,7 +347,8 @@ def analyze_trace(
     *,
     grace_us: int = 1_000_000,
 ) -> tuple[Analysis, ParseStats]:
-    """Read, parse and analyse a trace file (plain, ``.xz`` or ``.gz``).
+    """Read, parse and analyse a trace file (plain, ``.xz`` or ``.gz``) or a raw
+    capture directory (:mod:`~apflab.analysis.ringbuf`).
 
     The end of observation is the last event (a ``trace_marker`` line written
     when tracing stopped makes it the true end).
@@ -361,6 +363,9 @@ def analyze_trace(
     """
     stats = ParseStats()
     try:
+        if ringbuf.is_capture(Path(path)):
+            events = ringbuf.iter_raw_events(Path(path), stats)
+            return analyze(events, vcpu_of_pid, grace_us=grace_us), stats
         with open_trace(path) as f:
             analysis = analyze(iter_events(f, stats), vcpu_of_pid, grace_us=grace_us)
     except (OSError, EOFError, lzma.LZMAError, zlib.error) as err:

@@ -35,6 +35,18 @@ def existing_file(text: str) -> Path:
     return p.resolve()
 
 
+def existing_trace(text: str) -> Path:
+    """A trace file, or a raw capture directory (results/<run>/trace.raw)."""
+    p = Path(text)
+    if not p.exists():
+        raise argparse.ArgumentTypeError(f"{text} does not exist")
+    if not (p.is_file() or (p / "formats.txt").is_file()):
+        raise argparse.ArgumentTypeError(
+            f"{text} is neither a trace file nor a raw capture (a directory with formats.txt)"
+        )
+    return p.resolve()
+
+
 def add_boot_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup, flag: str) -> None:
     """How L1 comes up (LabConfig.boot): `lab up --boot`, `run --lab-boot`."""
     parser.add_argument(

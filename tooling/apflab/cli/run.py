@@ -10,7 +10,7 @@ from typing import Any
 
 from apflab.analysis import verdict
 from apflab.analysis.analyzer import analyze_trace
-from apflab.cli.args import add_boot_option, existing_file, positive_int
+from apflab.cli.args import add_boot_option, existing_file, existing_trace, positive_int
 from apflab.cli.exitcodes import EXIT_FAIL, EXIT_OK, verdict_exit
 from apflab.cli.output import emit
 from apflab.errors import AnalysisError, UsageError
@@ -125,7 +125,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if stats.events == 0:
         raise UsageError(
             f"{args.trace}: no kvm async-PF trace event in its {stats.lines} lines: pass a "
-            "trace apflab captured (results/<run>/trace.txt.xz) or tracefs text"
+            "trace apflab captured (results/<run>/trace.raw or trace.txt.xz) or tracefs text"
         )
     lost = None
     run_json = args.trace.parent / "run.json"
@@ -194,8 +194,10 @@ def register(sub: Any) -> None:
     j.add_argument("results_dir", type=Path)
     j.set_defaults(func=cmd_judge)
 
-    a = sub.add_parser("analyze", help="re-analyse a saved trace (plain, .xz or .gz)")
-    a.add_argument("trace", type=existing_file)
+    a = sub.add_parser(
+        "analyze", help="re-analyse a saved trace (plain, .xz or .gz, or a raw capture directory)"
+    )
+    a.add_argument("trace", type=existing_trace)
     a.add_argument("--vcpus", type=existing_file, help="vcpus.json: {cpu-index: thread-id}")
     a.add_argument("--json", action="store_true")
     a.set_defaults(func=cmd_analyze)

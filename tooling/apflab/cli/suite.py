@@ -57,6 +57,7 @@ def format_full(doc: dict[str, Any]) -> str:
         ("  smallest lossless buffer (KB/CPU)", doc.get("loss_smallest_lossless_buffer_kb"), "-"),
         ("  first lossy buffer (KB/CPU)", doc.get("loss_first_lossy_buffer_kb"), "-"),
         ("observer overhead (on/off)", doc.get("observer_overhead_ratio"), "<= 1.05"),
+        ("  text reader (text/off)", doc.get("observer_text_ratio"), "-"),
         ("  recording only (record/off)", doc.get("observer_record_ratio"), "-"),
         *_reader_rows(doc.get("reader_knee") or {}),
         ("guest boot, cold (s, median)", doc.get("boot_cold_s"), "-"),
@@ -81,8 +82,9 @@ def _reader_rows(knee: dict[Any, dict[str, Any]]) -> list[tuple[str, Any, str]]:
 
 def format_bench(result: dict[str, Any]) -> str:
     """A few human lines for ``apflab bench``."""
+    unit = "bytes of ring-buffer pages" if result["format"] == "raw" else "lines"
     return (
-        f"trace:   {result['trace']} ({result['lines']} lines, {result['events']} events)\n"
+        f"trace:   {result['trace']} ({result['lines']:,} {unit}, {result['events']:,} events)\n"
         f"parse:   {result['parse_events_per_s']:>10,} events/s  "
         f"(best of {result['repeat']}: {result['parse_s']} s)\n"
         f"analyze: {result['analyze_events_per_s']:>10,} events/s  parse+analyze "
@@ -149,8 +151,8 @@ def register(sub: Any) -> None:
     b.add_argument(
         "--observer",
         action="store_true",
-        help="only the tracer's overhead: workloads with tracing on, recording only and "
-        "off, interleaved; writes RESULTS/observer.json",
+        help="only the tracer's overhead: workloads with tracing on (raw), as text, "
+        "recording only and off, interleaved; writes RESULTS/observer.json",
     )
     b.add_argument(
         "--samples", type=positive_int, default=3, help="runs per side (--full, --observer)"

@@ -2,9 +2,12 @@
 
 The instance (``instances/apflab-<run>``) has its own buffers, clock and
 event selection, so we never disturb the host's global tracer.  Events are
-streamed from the instance's ``trace_pipe`` to a file while the run goes on,
-so long runs do not overflow the ring buffer; overrun and dropped counts from
-``per_cpu/cpu*/stats`` are read at the end and any loss is reported.
+streamed while the run goes on, so long runs do not overflow the ring buffer:
+as the ring buffer's own pages from each CPU's ``trace_pipe_raw`` into a
+capture directory (``raw``: the kernel formats nothing; decoded on the outer
+host by :mod:`apflab.analysis.ringbuf`), or as text from ``trace_pipe`` (the
+kernel formats every event, in the reader's CPU time).  Overrun and dropped
+counts from ``per_cpu/cpu*/stats`` are read at the end and any loss is reported.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import resource
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -27,6 +31,8 @@ from apflab.undo import Action, UndoStack
 log = logging.getLogger(__name__)
 
 MSR_KVM_ASYNC_PF_ACK = 0x4B564D07
+#: the formats file of a raw capture (apflab.analysis.ringbuf.FORMATS)
+RAW_FORMATS = "formats.txt"
 
 #: event -> filter (None: unfiltered). kvm_inj_exception(#PF) tells interrupt-path
 #: async PFs (the guest got a #PF with the token) from APF-halt ones.
@@ -131,15 +137,34 @@ class CaptureStats:
         return self.overrun + self.dropped
 
 
+def _read_pages(fd: int, page: int, most: int = 256) -> bytes:
+    """What a non-blocking ``trace_pipe_raw`` has now, one page per read()."""
+    chunks: list[bytes] = []
+    while len(chunks) < most:
+        try:
+            chunk = os.read(fd, page)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class TraceSession:
     """A tracefs instance streaming the async-PF events to ``out_path``.
 
     :param buffer_kb: per-CPU ring buffer size (8 MiB/cpu held 17k APFs with
         no overrun in the lab, and the reader drains it continuously)
-    :param stream: read ``trace_pipe`` while tracing (the default); False leaves
-        the events in the ring buffer until :meth:`stop` drains it, so what tracing
-        costs without its reader can be measured (events past a full buffer are
-        lost, and counted)
+    :param stream: read while tracing (the default); False leaves the events in
+        the ring buffer until :meth:`stop` drains it, so what tracing costs without
+        its reader can be measured (events past a full buffer are lost, and counted)
+    :param raw: ``out_path`` is a directory that gets the ring-buffer pages of each
+        CPU (``cpuN.pages``) and ``formats.txt`` (:mod:`apflab.analysis.ringbuf`);
+        else ``out_path`` is a file that gets ``trace_pipe``'s text.  A raw
+        session that does not stream also keeps the text of ``trace`` (read
+        before the pages are drained: the same events both ways) in ``text_twin``
+    :param on_pages: called from the reader thread with each CPU's new pages (raw)
     """
 
     def __init__(
@@ -151,9 +176,15 @@ class TraceSession:
         events: dict[str, str | None] | None = None,
         *,
         stream: bool = True,
+        raw: bool = False,
+        on_pages: Callable[[int, bytes], None] | None = None,
+        text_twin: Path | None = None,
     ) -> None:
         self.name = name
         self.stream = stream
+        self.raw = raw
+        self.on_pages = on_pages
+        self.text_twin = text_twin
         self.out_path = out_path
         self.undo = undo
         self.buffer_kb = buffer_kb
@@ -191,10 +222,13 @@ class TraceSession:
             self._write(f"{edir}/enable", "1")
         self._write("trace", "")  # clear
         self.out_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.raw:
+            self.out_path.mkdir(exist_ok=True)
+            (self.out_path / RAW_FORMATS).write_text(self.formats())
         self.undo.callback(self._join_reader, f"stop trace reader {self.name}")
         if self.stream:
             self._start_reader()
-        else:
+        elif not self.raw:
             self.out_path.touch()
         self._write("tracing_on", "1")
         self.mark("apflab: trace start")
@@ -204,9 +238,22 @@ class TraceSession:
 
     def _start_reader(self) -> None:
         assert self.instance is not None
-        fd = os.open(self.instance / "trace_pipe", os.O_RDONLY | os.O_NONBLOCK)
+        if self.raw:
+            cpus = sorted(int(d.name[3:]) for d in (self.instance / "per_cpu").glob("cpu*"))
+            fds = {
+                c: os.open(
+                    self.instance / "per_cpu" / f"cpu{c}" / "trace_pipe_raw",
+                    os.O_RDONLY | os.O_NONBLOCK,
+                )
+                for c in cpus
+            }
+            target: Callable[..., None] = self._pump_raw
+            args: tuple[object, ...] = (fds,)
+        else:
+            fd = os.open(self.instance / "trace_pipe", os.O_RDONLY | os.O_NONBLOCK)
+            target, args = self._pump, (fd,)
         self._thread = threading.Thread(
-            target=self._pump, args=(fd,), name=f"trace-{self.name}", daemon=True
+            target=target, args=args, name=f"trace-{self.name}", daemon=True
         )
         self._thread.start()
 
@@ -215,13 +262,18 @@ class TraceSession:
         self._write("trace_marker", text)
 
     def formats(self) -> str:
-        """The ``format`` files of our events (kept with the trace for provenance)."""
+        """The ``format`` files of our events and of ``ftrace/print`` (the
+        ``trace_marker`` lines), then ``header_page``: what decodes a raw capture,
+        and provenance for a text one."""
         assert self.instance is not None
-        root = self.instance.parent.parent
-        parts = []
-        for event in self.events:
-            fmt = root / "events" / "kvm" / event / "format"
-            parts.append(f"=== kvm/{event} ===\n{fmt.read_text()}")
+        events = self.instance.parent.parent / "events"
+        parts = [
+            f"=== kvm/{e} ===\n{(events / 'kvm' / e / 'format').read_text()}" for e in self.events
+        ]
+        parts.append(
+            f"=== ftrace/print ===\n{(events / 'ftrace' / 'print' / 'format').read_text()}"
+        )
+        parts.append(f"=== header_page ===\n{(events / 'header_page').read_text()}")
         return "\n".join(parts)
 
     def _write(self, rel: str, value: str) -> None:
@@ -259,6 +311,42 @@ class TraceSession:
             usage = resource.getrusage(resource.RUSAGE_THREAD)
             self._reader_cpu = usage.ru_utime + usage.ru_stime
 
+    def _pump_raw(self, fds: dict[int, int]) -> None:
+        """Each CPU's ``trace_pipe_raw`` to its ``cpuN.pages``: one page per read()
+        (a page not yet full comes back with what it holds; nothing is formatted)."""
+        page = os.sysconf("SC_PAGE_SIZE")
+        outs = {c: (self.out_path / f"cpu{c}.pages").open("ab") for c in fds}
+        try:
+            idle_after_stop = 0
+            while True:
+                got = 0
+                for cpu, fd in fds.items():
+                    data = _read_pages(fd, page)
+                    if data:
+                        outs[cpu].write(data)
+                        got += len(data)
+                        if self.on_pages is not None:
+                            self.on_pages(cpu, data)
+                self._bytes += got
+                if got:
+                    idle_after_stop = 0
+                    continue
+                if self._stop.is_set():
+                    idle_after_stop += 1
+                    if idle_after_stop >= 3:  # drained: three empty rounds after stop
+                        break
+                time.sleep(0.05)
+        except BaseException as err:  # surfaced by stop()
+            self._error = err
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+            for out in outs.values():
+                with contextlib.suppress(OSError):
+                    out.close()
+            usage = resource.getrusage(resource.RUSAGE_THREAD)
+            self._reader_cpu = usage.ru_utime + usage.ru_stime
+
     def _join_reader(self) -> None:
         self._stop.set()
         if self._thread is not None:
@@ -286,6 +374,8 @@ class TraceSession:
         self.mark("apflab: trace end")
         self._write("tracing_on", "0")
         if not self.stream:  # drain the whole ring buffer now
+            if self.raw and self.text_twin is not None:  # the same events, as text
+                self.text_twin.write_bytes((self.instance / "trace").read_bytes())
             self._stop.set()
             self._start_reader()
         self._join_reader()

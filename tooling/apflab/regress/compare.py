@@ -39,7 +39,7 @@ from apflab.analysis.analyzer import analyze_trace
 from apflab.analysis.stats import Histogram
 from apflab.errors import UsageError
 from apflab.report import compare as compare_report
-from apflab.run.records import VCPUS_FILE, read_vcpus, vcpu_of_pid
+from apflab.run.records import VCPUS_FILE, read_vcpus, trace_of, vcpu_of_pid
 
 PASS, FAIL, INCONCLUSIVE = "PASS", "FAIL", "INCONCLUSIVE"
 #: the metrics compared, and the statistics of each run compared
@@ -215,8 +215,8 @@ def pooled(runs: Sequence[Run]) -> dict[str, Histogram]:
     out = {m: Histogram() for m in METRICS}
     for r in runs:
         d = Path(r.path)
-        trace = d / "trace.txt.xz"
-        if not trace.is_file():
+        trace = trace_of(d)
+        if trace is None or trace.name == "trace.txt":  # a partial trace is not a run's
             continue
         vcpus = vcpu_of_pid(read_vcpus(d / VCPUS_FILE)) if (d / VCPUS_FILE).is_file() else None
         analysis, _ = analyze_trace(trace, vcpus)

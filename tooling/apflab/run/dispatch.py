@@ -31,7 +31,7 @@ from apflab.run.experiment import cut_short, execute
 from apflab.run.guest_kernel import ensure_built
 from apflab.run.judge import judge
 from apflab.run.phases import Emit, Phases
-from apflab.run.records import RUN_FILE, RunRecord, write_json
+from apflab.run.records import RUN_FILE, RunRecord, trace_of, write_json
 from apflab.run.scenario import Scenario
 from apflab.undo import UndoStack
 
@@ -211,7 +211,7 @@ class _LabRun:
         self.out.mkdir(parents=True, exist_ok=True)
         why = f"{cut_short(err)} during the experiment in L1"
         doc = verdict.error_document(self.run_id, why)
-        doc["partial_trace"] = next((str(p) for p in self.out.glob("trace.txt*")), None)
+        doc["partial_trace"] = str(t) if (t := trace_of(self.out)) is not None else None
         write_json(self.out / "verdict.json", doc)
 
     def judge(self, lab_facts: dict[str, Any], retries: dict[str, Any]) -> dict[str, Any]:
@@ -225,7 +225,7 @@ class _LabRun:
                 f"the run in L1 exited {lab_facts['inner_exit_status']} without a run.json: {why}",
             )
             doc["lab"] = lab_facts
-            doc["partial_trace"] = next((str(p) for p in self.out.glob("trace.txt*")), None)
+            doc["partial_trace"] = str(t) if (t := trace_of(self.out)) is not None else None
             self.out.mkdir(parents=True, exist_ok=True)
             write_json(self.out / "verdict.json", doc)
             return doc

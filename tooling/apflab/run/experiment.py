@@ -47,6 +47,7 @@ from apflab.run.records import (
     GuestFacts,
     HostFacts,
     RunRecord,
+    trace_of,
     vcpu_of_pid,
     write_json,
     write_vcpus,
@@ -63,6 +64,8 @@ log = logging.getLogger(__name__)
 
 #: the trace as it streams; compressed to trace.txt.xz when the trace is saved
 PARTIAL_TRACE = "trace.txt"
+#: a raw capture (``--trace on``/``record``: :mod:`apflab.analysis.ringbuf`), kept as is
+RAW_TRACE = "trace.raw"
 
 
 def compress(src: Path, dest: Path) -> None:
@@ -198,8 +201,8 @@ def interrupted_document(rec: RunRecord, err: BaseException | str) -> dict[str, 
     """verdict.json of a run cut short (by ``err``, or for the reason given):
     ERROR, and where its partial evidence is."""
     doc = verdict.error_document(rec.run_id, err if isinstance(err, str) else cut_short(err))
-    partial = rec.results / PARTIAL_TRACE
-    doc["partial_trace"] = str(partial) if partial.exists() else None
+    partial = trace_of(rec.results)
+    doc["partial_trace"] = str(partial) if partial is not None else None
     doc["kernel"] = {**doc["kernel"], **(asdict(rec.kernel) if rec.kernel else {})}
     return doc
 
@@ -220,7 +223,8 @@ class _Experiment:
         self.rec, self.emit = rec, emit
         rec.pressure = pressure.report  # filled in phase by phase
         # streamed straight into the results: a run cut short keeps what it traced
-        self.trace_txt = rec.results / PARTIAL_TRACE
+        self.raw = scenario.trace in ("on", "record")
+        self.trace_out = rec.results / (RAW_TRACE if self.raw else PARTIAL_TRACE)
         self.session: tracefs.TraceSession | None = None
 
     def run(self, phases: Phases) -> None:
@@ -264,6 +268,8 @@ class _Experiment:
             vcpu_of_pid(self.rec.vcpus),
             self.scenario.verdict_bounds(paths.in_lab()).stall_s,
         )
+        if stall.raw:
+            session.on_pages = stall.feed_pages
 
         def watch() -> None:
             vm.check_alive()
@@ -327,10 +333,13 @@ class _Experiment:
     def start_trace(self) -> None:
         self.session = tracefs.TraceSession(
             f"apflab-{self.rec.run_id}",
-            self.trace_txt,
+            self.trace_out,
             self.undo,
             buffer_kb=self.scenario.trace_buffer_kb,
-            stream=self.scenario.trace == "on",
+            stream=self.scenario.trace in ("on", "text"),
+            raw=self.raw,
+            # recording: the same events as text too (a check of the raw decoder)
+            text_twin=self.rec.results / PARTIAL_TRACE if self.scenario.trace == "record" else None,
         )
         self.session.start()
         (self.rec.results / "trace-formats.txt").write_text(self.session.formats())
@@ -378,10 +387,11 @@ class _Experiment:
         rec.trace.per_cpu = {str(k): v for k, v in stats.per_cpu.items()}
         for cpu, text in stats.raw.items():
             (rec.results / "host" / f"tracefs-cpu{cpu}-stats").write_text(text)
-        dest = rec.results / "trace.txt.xz"
-        compress(self.trace_txt, dest)
-        self.trace_txt.unlink()
-        rec.trace.path = dest
+        as_text = rec.results / PARTIAL_TRACE
+        if as_text.exists():
+            compress(as_text, rec.results / "trace.txt.xz")
+            as_text.unlink()
+        rec.trace.path = self.trace_out if self.raw else rec.results / "trace.txt.xz"
         write_vcpus(rec.results, rec.vcpus)
 
 

@@ -236,3 +236,12 @@ def vcpu_of_pid(vcpus: dict[int, int]) -> dict[int, int]:
 def read_vcpus(path: Path) -> dict[int, int]:
     """A vcpus.json file → ``{cpu-index: thread id}``."""
     return {int(idx): int(tid) for idx, tid in json.loads(path.read_text()).items()}
+
+
+#: a run's trace, in the order it is judged: the raw capture, else the text
+TRACE_NAMES = ("trace.raw", "trace.txt.xz", "trace.txt")
+
+
+def trace_of(results: Path) -> Path | None:
+    """The trace a run left in its results (whole or partial), if any."""
+    return next((p for p in (results / n for n in TRACE_NAMES) if p.exists()), None)

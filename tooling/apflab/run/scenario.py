@@ -307,11 +307,14 @@ class Scenario:
     trace: str = field(
         default="on",
         metadata=opt(
-            "off: no tracing, only to measure the tracer's own cost (make bench): such a run "
-            "gets no verdict; record: the events stay in the ring buffer (--trace-buffer-kb) "
-            "until the workload ends, read then, so the cost of recording shows apart from "
-            "the reader's (make bench; no live stall watch)",
-            choices=("on", "off", "record"),
+            "on: the ring buffer's pages streamed as they are (trace_pipe_raw, decoded on "
+            "the outer host); text: trace_pipe's text streamed (the kernel formats every "
+            "event, in L1's CPU time); off: no tracing, only to measure the tracer's own cost "
+            "(make bench): such a run gets no verdict; record: the events stay in the ring "
+            "buffer (--trace-buffer-kb) until the workload ends, read then both as text and "
+            "raw, so the cost of recording shows apart from the reader's (make bench; no "
+            "live stall watch)",
+            choices=("on", "text", "off", "record"),
         ),
     )
     thresholds: Path | None = field(

@@ -16,14 +16,21 @@ on the tokens outstanding, and the time since a page-ready last came while some
 were.  Only when that time passes the bound does it analyse the whole trace once
 (:class:`~apflab.analysis.analyzer.LiveAnalysis`) to confirm the stall and name the
 oldest token, so it raises exactly when the analysis of the trace says so.
+
+With a raw capture (:mod:`apflab.analysis.ringbuf`) the reader thread hands each
+CPU's new pages to :meth:`StallWatch.feed_pages` and each poll counts the events
+in them (:func:`~apflab.analysis.ringbuf.count`: headers and type ids only); the
+confirmation decodes the capture so far.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from apflab.analysis import ringbuf
 from apflab.analysis.analyzer import LiveAnalysis
 from apflab.analysis.parse import iter_events, open_trace, parse_line
 
@@ -41,7 +48,8 @@ class Stalled(Exception):
 class StallWatch:
     """Polled about once a second while the workload runs (the SSH ``watch`` hook).
 
-    :param trace: the file the tracer streams to
+    :param trace: the file the tracer streams to, or its raw capture directory
+        (then the pages come through :meth:`feed_pages`)
     :param mark: writes a line into the trace now
         (:meth:`apflab.host.tracefs.TraceSession.mark`)
     :param stall_s: the bound (:attr:`apflab.analysis.thresholds.Thresholds.stall_s`)
@@ -68,10 +76,26 @@ class StallWatch:
         self._since_us: int | None = None
         self.confirmations = 0  # full analyses run (once per suspected stall)
         self.found: str | None = None
+        self.raw = ringbuf.is_capture(trace)
+        self._formats = ringbuf.read_capture(trace)[0] if self.raw else None
+        self._pages: list[bytes] = []
+        self._lock = threading.Lock()
+
+    def feed_pages(self, cpu: int, pages: bytes) -> None:
+        """New pages of a raw capture (called from the trace reader's thread)."""
+        with self._lock:
+            self._pages.append(pages)
 
     def poll(self) -> None:
         """Count what the tracer wrote since the last poll; raise :class:`Stalled`."""
         self.mark("apflab: stall check")
+        if self._formats is not None:
+            with self._lock:
+                pages, self._pages = self._pages, []
+            c = ringbuf.count(pages, self._formats)
+            if c.last_ts_us is not None:
+                self._step(c.last_ts_us, c.not_present, c.ready, c.after_wake_all)
+            return
         try:
             with self.trace.open("rb") as f:
                 f.seek(self._offset)
@@ -86,13 +110,23 @@ class StallWatch:
         now = _last_ts_us(chunk)
         if now is None:
             return
-        readies = chunk.count(_READY)
         wake = chunk.rfind(_WAKE_ALL)
-        if wake >= 0:  # what a wake-all left: at least the tokens announced after it
-            tail = chunk[wake + 1 :]
-            outstanding = tail.count(_NOT_PRESENT) - tail.count(_READY)
+        tail = chunk[wake + 1 :] if wake >= 0 else b""
+        self._step(
+            now,
+            chunk.count(_NOT_PRESENT),
+            chunk.count(_READY),
+            (tail.count(_NOT_PRESENT), tail.count(_READY)) if wake >= 0 else None,
+        )
+
+    def _step(
+        self, now: int, not_present: int, readies: int, after_wake_all: tuple[int, int] | None
+    ) -> None:
+        """The new events' counts (and those after a wake-all among them) → the bound."""
+        if after_wake_all is not None:  # what a wake-all left: the tokens announced after it
+            outstanding = after_wake_all[0] - after_wake_all[1]
         else:
-            outstanding = self._outstanding + chunk.count(_NOT_PRESENT) - readies
+            outstanding = self._outstanding + not_present - readies
         self._outstanding = max(0, outstanding)
         if readies or not self._outstanding:
             self._since_us = None
@@ -106,8 +140,11 @@ class StallWatch:
         older than the bound; otherwise count from now again."""
         self.confirmations += 1
         live = LiveAnalysis(self.vcpu_of_pid)
-        with open_trace(self.trace) as f:
-            live.feed(iter_events(f))
+        if self.raw:
+            live.feed(ringbuf.iter_raw_events(self.trace))
+        else:
+            with open_trace(self.trace) as f:
+                live.feed(iter_events(f))
         oldest = live.oldest_outstanding()
         if oldest is None or oldest.age_us <= self.stall_us:
             self._since_us = now_us

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from apflab import paths
-from apflab.analysis import parse
+from apflab.analysis import parse, ringbuf
 from apflab.analysis.analyzer import analyze
 from apflab.errors import AnalysisError, UsageError
 
@@ -33,10 +34,28 @@ def default_trace() -> Path:
     return root / DEFAULT_TRACE
 
 
+_Source = Callable[[parse.ParseStats | None], Iterator[parse.Event]]
+
+
+def _read_into_memory(path: Path) -> tuple[_Source, int]:
+    """The trace read once (disk and decompression timed apart): the events' source
+    and its size (lines of text, or bytes of ring-buffer pages)."""
+    if ringbuf.is_capture(path):
+        formats, files = ringbuf.read_capture(path)
+        pages = {cpu: ringbuf.read_pages(p) for cpu, p in files.items()}
+        return (lambda st: ringbuf.decode(formats, pages, st)), sum(map(len, pages.values()))
+    with parse.open_trace(path) as f:
+        try:
+            lines = f.readlines()
+        except OSError as err:
+            raise AnalysisError(f"cannot read trace {path}: {err}") from err
+    return (lambda st: parse.iter_events(lines, st)), len(lines)
+
+
 def bench_analyzer(trace_path: str | Path, repeat: int = 3) -> dict[str, Any]:
     """Measure the analyzer on one trace.
 
-    :param trace_path: a trace file (plain, ``.xz`` or ``.gz``)
+    :param trace_path: a trace file (plain, ``.xz`` or ``.gz``) or a raw capture
     :param repeat: timed runs of each stage (the best is reported)
     :returns: ``{"trace", "lines", "events", "repeat", "read_s", "parse_s",
         "parse_events_per_s", "analyze_s", "analyze_events_per_s",
@@ -47,33 +66,30 @@ def bench_analyzer(trace_path: str | Path, repeat: int = 3) -> dict[str, Any]:
     if repeat < 1:
         raise UsageError(f"repeat must be >= 1, not {repeat}")
     t0 = time.perf_counter()
-    with parse.open_trace(trace_path) as f:
-        try:
-            lines = f.readlines()
-        except OSError as err:
-            raise AnalysisError(f"cannot read trace {trace_path}: {err}") from err
+    source, size = _read_into_memory(Path(trace_path))
     read_s = time.perf_counter() - t0
     parse_best = analyze_best = only_best = float("inf")
     events = 0
     for _ in range(repeat):
         t = time.perf_counter()
         st = parse.ParseStats()
-        deque(parse.iter_events(lines, st), maxlen=0)
+        deque(source(st), maxlen=0)
         parse_best = min(parse_best, time.perf_counter() - t)
         events = st.events
         t = time.perf_counter()
-        analyze(parse.iter_events(lines))
+        analyze(source(None))
         analyze_best = min(analyze_best, time.perf_counter() - t)
     if events == 0:
         raise AnalysisError(f"{trace_path}: no async-PF events to benchmark on")
-    parsed = list(parse.iter_events(lines))
+    parsed = list(source(None))
     for _ in range(repeat):
         t = time.perf_counter()
         analyze(parsed)
         only_best = min(only_best, time.perf_counter() - t)
     return {
         "trace": str(trace_path),
-        "lines": len(lines),
+        "format": "raw" if ringbuf.is_capture(Path(trace_path)) else "text",
+        "lines": size,
         "events": events,
         "repeat": repeat,
         "read_s": round(read_s, 4),

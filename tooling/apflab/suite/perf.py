@@ -89,20 +89,25 @@ RECORD_BUFFER_KB = 32768
 
 
 def observer_overhead(results: Path, samples: int, emit: Emit) -> dict[str, Any]:
-    """Workload seconds with tracing on, recording only, and off, interleaved, in one lab.
+    """Workload seconds with tracing on, as text, recording only, and off, interleaved,
+    in one lab.
 
     ``record`` keeps the events in the ring buffer and reads them after the workload,
-    so on - record is what the reader costs (its thread, and the kernel formatting
-    the text it reads) and record - off what recording the events costs (the
-    tracepoints in L1's KVM, their filters and the ring buffer)."""
+    so on - record is what the reader costs (its thread copying the raw pages, and
+    the stall watch counting them) and record - off what recording the events costs
+    (the tracepoints in L1's KVM, their filters and the ring buffer); ``text`` is the
+    reader of text (``trace_pipe``: the kernel formats every event), the way before
+    the raw capture."""
     base = Scenario()
     modes = {
         "on": replace(base, trace="on"),
+        "text": replace(base, trace="text"),
         "record": replace(base, trace="record", trace_buffer_kb=RECORD_BUFFER_KB),
         "off": replace(base, trace="off"),
     }
     seconds: dict[str, list[float]] = {m: [] for m in modes}
-    reader_cpu: list[float | None] = []  # the trace reader's CPU seconds in each "on" run
+    # the trace reader's CPU seconds in each streaming run
+    reader_cpu: dict[str, list[float | None]] = {"on": [], "text": []}
     lost = record_lost = 0
     with Batch(emit) as batch:
         for _ in range(samples):
@@ -113,8 +118,8 @@ def observer_overhead(results: Path, samples: int, emit: Emit) -> dict[str, Any]
                 if wl.get("completed"):
                     seconds[trace].append(float(wl["seconds"]))
                 rec = root / str(doc.get("run_id")) / "run.json"
-                if trace == "on" and rec.is_file():
-                    reader_cpu.append(
+                if trace in ("on", "text") and rec.is_file():
+                    reader_cpu[trace].append(
                         (json.loads(rec.read_text()).get("trace") or {}).get("reader_cpu_s")
                     )
                 n = int((doc.get("events") or {}).get("lost") or 0)
@@ -123,9 +128,10 @@ def observer_overhead(results: Path, samples: int, emit: Emit) -> dict[str, Any]
                 else:
                     lost += n
     med = {m: statistics.median(v) if v else None for m, v in seconds.items()}
-    on, record, off = med["on"], med["record"], med["off"]
+    on, text, record, off = med["on"], med["text"], med["record"], med["off"]
     return {
         "observer_overhead_ratio": round(on / off, 3) if on and off else None,
+        "observer_text_ratio": round(text / off, 3) if text and off else None,
         "observer_record_ratio": round(record / off, 3) if record and off else None,
         "workload_s": seconds,
         "observer_reader_cpu_s": reader_cpu,

@@ -1,0 +1,73 @@
+"""The raw ring-buffer decoder (apflab.analysis.ringbuf) on a real capture read both
+ways: ``record-1`` is one lab run's ring buffer read as text (``trace``) and then as
+pages (``trace_pipe_raw``), the same events (fixtures/traces/README.md)."""
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from apflab.analysis import ringbuf
+from apflab.analysis.analyzer import analyze_trace
+from apflab.analysis.parse import Kind, ParseStats, iter_events, open_trace
+from apflab.errors import AnalysisError
+
+F = Path(__file__).parent / "fixtures" / "traces" / "record-1"
+RAW, TEXT = F / "trace.raw", F / "trace.txt.xz"
+
+
+def text_events() -> tuple[list, ParseStats]:
+    stats = ParseStats()
+    with open_trace(TEXT) as f:
+        return list(iter_events(f, stats)), stats
+
+
+def test_raw_pages_decode_to_the_events_of_the_text() -> None:
+    raw_stats = ParseStats()
+    raw = list(ringbuf.iter_raw_events(RAW, raw_stats))
+    text, text_stats = text_events()
+    assert len(raw) > 40_000
+    assert raw == text  # every field of every event, in order
+    assert raw_stats.markers == text_stats.markers
+    assert raw_stats.events == text_stats.events
+
+
+def test_every_kind_is_in_the_capture() -> None:
+    kinds = Counter(e.kind for e in ringbuf.iter_raw_events(RAW))
+    for kind in (Kind.NOT_PRESENT, Kind.READY, Kind.COMPLETED, Kind.TRY_GET_PAGE, Kind.ACK):
+        assert kinds[kind] > 1000, kind
+    assert kinds[Kind.PF] > 1000
+    assert kinds[Kind.MARKER] >= 3  # trace start, workload start, stall checks
+
+
+def test_the_analysis_of_both_is_the_same() -> None:
+    a_raw, _ = analyze_trace(RAW)
+    a_text, _ = analyze_trace(TEXT)
+    assert a_raw.events == a_text.events
+    assert a_raw.invariants == a_text.invariants
+    assert {m: h.summary() for m, h in a_raw.latency.items()} == {
+        m: h.summary() for m, h in a_text.latency.items()
+    }
+    assert (a_raw.start_us, a_raw.end_us) == (a_text.start_us, a_text.end_us)
+
+
+def test_count_agrees_with_the_decoder() -> None:
+    formats, files = ringbuf.read_capture(RAW)
+    pages = [ringbuf.read_pages(p) for p in files.values()]
+    c = ringbuf.count(pages, formats)
+    kinds = Counter(e.kind for e in ringbuf.iter_raw_events(RAW))
+    assert (c.not_present, c.ready) == (kinds[Kind.NOT_PRESENT], kinds[Kind.READY])
+    last = max(e.ts_us for e in ringbuf.iter_raw_events(RAW))
+    assert c.last_ts_us == last
+
+
+def test_the_formats_name_the_page_layout() -> None:
+    formats, _ = ringbuf.read_capture(RAW)
+    assert (formats.page_size, formats.commit_offset, formats.data_offset) == (4096, 8, 16)
+    assert formats.id_of("print") is not None
+
+
+def test_a_directory_without_formats_is_not_a_capture(tmp_path: Path) -> None:
+    assert not ringbuf.is_capture(tmp_path)
+    with pytest.raises(AnalysisError, match="not a raw trace capture"):
+        list(ringbuf.iter_raw_events(tmp_path))

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from apflab.analysis import ringbuf
 from apflab.analysis.parse import open_trace
 from apflab.run.stall import Stalled, StallWatch
 
@@ -54,3 +55,29 @@ def test_the_stall_is_confirmed_by_one_analysis(tmp_path: Path) -> None:
                 f.write(data[i : i + 4096])
             watch.poll()
     assert watch.confirmations == 1
+
+
+def stream_raw(capture: Path, tmp_path: Path, pages_per_poll: int = 4) -> StallWatch:
+    """A raw capture replayed as the reader hands it over: its pages appended to a
+    capture directory and fed to the watch a few at a time, polling after each."""
+    formats, files = ringbuf.read_capture(capture)
+    out = tmp_path / "trace.raw"
+    out.mkdir()
+    (out / ringbuf.FORMATS).write_bytes((capture / ringbuf.FORMATS).read_bytes())
+    watch = StallWatch(out, lambda text: None, None, stall_s=10.0)
+    assert watch.raw
+    step = formats.page_size * pages_per_poll
+    for cpu, path in files.items():
+        data = ringbuf.read_pages(path)
+        for i in range(0, len(data), step):
+            with (out / f"cpu{cpu}.pages").open("ab") as f:
+                f.write(data[i : i + step])
+            watch.feed_pages(cpu, data[i : i + step])
+            watch.poll()
+    return watch
+
+
+def test_a_healthy_raw_capture_never_stalls(tmp_path: Path) -> None:
+    watch = stream_raw(TRACES / "record-1" / "trace.raw", tmp_path)
+    assert watch.found is None
+    assert watch.confirmations == 0

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from apflab import paths
-from apflab.cli.args import existing_file, positive_int
+from apflab.cli.args import existing_trace, positive_int
 from apflab.cli.exitcodes import EXIT_OK
 from apflab.cli.output import emit
 from apflab.errors import UsageError
@@ -139,7 +139,7 @@ def cmd_check_functional(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     b = sub.add_parser("bench", help="measure the analyzer (events/s) and print")
-    b.add_argument("--trace", type=existing_file)
+    b.add_argument("--trace", type=existing_trace, help="a trace file or a raw capture directory")
     b.add_argument("--repeat", type=positive_int, default=3)
     b.add_argument("--json", action="store_true")
     b.add_argument(

@@ -31,6 +31,11 @@ from apflab.undo import Action, UndoStack
 log = logging.getLogger(__name__)
 
 MSR_KVM_ASYNC_PF_ACK = 0x4B564D07
+#: how often the raw reader looks: each look copies the pages written since, a page
+#: not yet full event by event (the kernel's partial-page path), so rarer looks mean
+#: fewer, fuller pages (the 8 MiB default buffer holds minutes of a default run;
+#: the stall watch polls once a second)
+RAW_POLL_S = 0.25
 #: the formats file of a raw capture (apflab.analysis.ringbuf.FORMATS)
 RAW_FORMATS = "formats.txt"
 
@@ -335,7 +340,7 @@ class TraceSession:
                     idle_after_stop += 1
                     if idle_after_stop >= 3:  # drained: three empty rounds after stop
                         break
-                time.sleep(0.05)
+                time.sleep(RAW_POLL_S)
         except BaseException as err:  # surfaced by stop()
             self._error = err
         finally:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import BinaryIO, ClassVar
 
 from apflab.errors import HostError, PreflightError
 from apflab.process import run
@@ -154,6 +154,16 @@ def _read_pages(fd: int, page: int, most: int = 256) -> bytes:
             break
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _write_all(out: BinaryIO, data: bytes) -> None:
+    """All of ``data`` to an unbuffered file (a write may take part of it)."""
+    view = memoryview(data)
+    while view:
+        n = out.write(view)
+        if not n:
+            raise OSError(errno.ENOSPC, "no byte of the trace could be written")
+        view = view[n:]
 
 
 class TraceSession:
@@ -320,7 +330,8 @@ class TraceSession:
         """Each CPU's ``trace_pipe_raw`` to its ``cpuN.pages``: one page per read()
         (a page not yet full comes back with what it holds; nothing is formatted)."""
         page = os.sysconf("SC_PAGE_SIZE")
-        outs = {c: (self.out_path / f"cpu{c}.pages").open("ab") for c in fds}
+        # unbuffered: what the stall watch reads back to confirm a stall is all there
+        outs = {c: (self.out_path / f"cpu{c}.pages").open("ab", buffering=0) for c in fds}
         try:
             idle_after_stop = 0
             while True:
@@ -328,7 +339,7 @@ class TraceSession:
                 for cpu, fd in fds.items():
                     data = _read_pages(fd, page)
                     if data:
-                        outs[cpu].write(data)
+                        _write_all(outs[cpu], data)
                         got += len(data)
                         if self.on_pages is not None:
                             self.on_pages(cpu, data)

@@ -81,3 +81,10 @@ def test_a_healthy_raw_capture_never_stalls(tmp_path: Path) -> None:
     watch = stream_raw(TRACES / "record-1" / "trace.raw", tmp_path)
     assert watch.found is None
     assert watch.confirmations == 0
+
+
+def test_the_no_ack_kernel_is_caught_in_a_raw_capture(tmp_path: Path) -> None:
+    # noack-raw-1: the run that the raw stall watch stopped in the lab (token 0x5d000,
+    # 10.8 s), replayed: the same token, confirmed by one analysis
+    with pytest.raises(Stalled, match=r"token 0x5d000 on vCPU 0 outstanding for 1\d\.\d s"):
+        stream_raw(TRACES / "noack-raw-1" / "trace.raw", tmp_path, pages_per_poll=1)

@@ -351,7 +351,7 @@ class TraceSession:
                     idle_after_stop += 1
                     if idle_after_stop >= 3:  # drained: three empty rounds after stop
                         break
-                time.sleep(RAW_POLL_S)
+                time.sleep(0.05 if self._stop.is_set() else RAW_POLL_S)
         except BaseException as err:  # surfaced by stop()
             self._error = err
         finally:

@@ -4,19 +4,22 @@ The lab cannot push async PFs past ~22,000 a minute (the emulated L1 caps them),
 at that rate no trace buffer size loses events (``perf.loss_knee``).  So the capture
 itself is pushed instead: a writer process writes ``trace_marker`` lines into a real
 :class:`~apflab.host.tracefs.TraceSession` (the one every run uses, with its kvm
-events enabled and its reader thread streaming ``trace_pipe`` to a file) at a set
-rate, and the session's loss counters (overrun + dropped) say what it lost; the lines
-in its file are counted as a cross-check.  Run where the runs trace: inside L1
+events enabled and its reader thread streaming each CPU's ``trace_pipe_raw`` pages to
+a capture, as every run's does since the raw capture) at a set rate, and the
+session's loss counters (overrun + dropped) say what it lost; the marker events in
+its pages are counted as a cross-check.  Run where the runs trace: inside L1
 (``apflab lab run -- apflab bench --trace-flood ...``; ``perf.reader_knee`` does).
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 from apflab import paths
+from apflab.analysis import ringbuf
 from apflab.host.tracefs import TraceSession
 from apflab.process import run
 from apflab.undo import UndoStack
@@ -37,16 +40,16 @@ while (now := time.monotonic() - t0) < seconds:
 print(n, time.monotonic() - t0)
 """
 
-#: a marker line of the flood as trace_pipe prints it
+#: the text of the flood's marker events
 FLOOD_TEXT = b"apflab flood"
 
 
 def flood(rate: int, seconds: float, buffer_kb: int, work: Path) -> dict[str, Any]:
     """One flood: ``rate`` marker events/s for ``seconds`` into a fresh session."""
     name = paths.new_run_id("flood")
-    out = work / f"{name}.trace"
+    out = work / f"{name}.trace.raw"
     with UndoStack(name) as undo:
-        session = TraceSession(name, out, undo, buffer_kb=buffer_kb)
+        session = TraceSession(name, out, undo, buffer_kb=buffer_kb, raw=True)  # as runs do
         session.start()
         assert session.instance is not None
         marker = session.instance / "trace_marker"
@@ -54,9 +57,8 @@ def flood(rate: int, seconds: float, buffer_kb: int, work: Path) -> dict[str, An
         writer = run(argv, timeout=seconds + 120)
         stats = session.stop()
     written, took = writer.stdout.split()
-    with out.open("rb") as f:
-        seen = sum(1 for line in f if FLOOD_TEXT in line)  # by line: no chunk splits one
-    out.unlink()
+    seen = flood_markers(out)
+    shutil.rmtree(out)
     return {
         "buffer_kb": buffer_kb,
         "rate": rate,
@@ -67,6 +69,19 @@ def flood(rate: int, seconds: float, buffer_kb: int, work: Path) -> dict[str, An
         "overrun": stats.overrun,
         "dropped": stats.dropped,
     }
+
+
+def flood_markers(capture: Path) -> int:
+    """The flood's marker events in a raw capture (its pages decoded)."""
+    formats, files = ringbuf.read_capture(capture)
+    print_id = formats.id_of(ringbuf.PRINT_EVENT)
+    seen = 0
+    for path in files.values():
+        data = ringbuf.read_pages(path)
+        for _, type_id, start, end in ringbuf.page_events(data, formats):
+            if type_id == print_id and FLOOD_TEXT in data[start:end]:
+                seen += 1
+    return seen
 
 
 def lossy(row: dict[str, Any]) -> bool:

@@ -71,3 +71,15 @@ def test_a_directory_without_formats_is_not_a_capture(tmp_path: Path) -> None:
     assert not ringbuf.is_capture(tmp_path)
     with pytest.raises(AnalysisError, match="not a raw trace capture"):
         list(ringbuf.iter_raw_events(tmp_path))
+
+
+def test_a_compressed_capture_decodes_the_same(tmp_path: Path) -> None:
+    capture = tmp_path / "trace.raw"
+    capture.mkdir()
+    (capture / ringbuf.FORMATS).write_bytes((RAW / ringbuf.FORMATS).read_bytes())
+    (capture / "cpu0.pages").write_bytes(ringbuf.read_pages(RAW / "cpu0.pages.xz"))
+    before = list(ringbuf.iter_raw_events(capture))
+    assert ringbuf.compress_capture(capture) > 0
+    assert sorted(p.name for p in capture.iterdir()) == ["cpu0.pages.xz", ringbuf.FORMATS]
+    assert list(ringbuf.iter_raw_events(capture)) == before
+    assert ringbuf.compress_capture(capture) == 0  # judged again: nothing left to do

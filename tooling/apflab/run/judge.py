@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from apflab import __version__, paths
-from apflab.analysis import verdict
+from apflab.analysis import ringbuf, verdict
 from apflab.analysis.analyzer import analyze_trace
 from apflab.analysis.guest import WORKLOAD_START, guest_view
 from apflab.analysis.model import Analysis
@@ -66,6 +66,8 @@ def judge(rec: RunRecord, extra: dict[str, Any] | None = None) -> dict[str, Any]
     analysis: Analysis | None = None
     workload_start: int | None = None
     if rec.trace.path is not None:
+        if ringbuf.is_capture(rec.trace.path):
+            ringbuf.compress_capture(rec.trace.path)  # here: L1's CPU is the guest's
         # the trace ends with our "trace end" marker: the end of observation
         analysis, stats = analyze_trace(
             rec.trace.path, vcpu_of_pid(rec.vcpus), grace_us=thresholds.grace_us

@@ -254,14 +254,7 @@ class TraceSession:
     def _start_reader(self) -> None:
         assert self.instance is not None
         if self.raw:
-            cpus = sorted(int(d.name[3:]) for d in (self.instance / "per_cpu").glob("cpu*"))
-            fds = {
-                c: os.open(
-                    self.instance / "per_cpu" / f"cpu{c}" / "trace_pipe_raw",
-                    os.O_RDONLY | os.O_NONBLOCK,
-                )
-                for c in cpus
-            }
+            fds = self._open_raw()
             target: Callable[..., None] = self._pump_raw
             args: tuple[object, ...] = (fds,)
         else:
@@ -271,6 +264,22 @@ class TraceSession:
             target=target, args=args, name=f"trace-{self.name}", daemon=True
         )
         self._thread.start()
+
+    def _open_raw(self) -> dict[int, int]:
+        """Each CPU's ``trace_pipe_raw``, non-blocking; a CPU that has no buffer (a
+        possible CPU not online) is left out."""
+        assert self.instance is not None
+        fds: dict[int, int] = {}
+        for d in sorted(self.instance.glob("per_cpu/cpu*"), key=lambda d: int(d.name[3:])):
+            try:
+                fds[int(d.name[3:])] = os.open(d / "trace_pipe_raw", os.O_RDONLY | os.O_NONBLOCK)
+            except OSError as err:
+                if err.errno not in (errno.ENODEV, errno.ENOENT):
+                    for fd in fds.values():
+                        os.close(fd)
+                    raise HostError(f"cannot open {d / 'trace_pipe_raw'}: {err.strerror}") from err
+                log.debug("trace: %s has no ring buffer (%s)", d.name, err.strerror)
+        return fds
 
     def mark(self, text: str) -> None:
         """Write a line into our instance's trace (``tracing_mark_write``)."""

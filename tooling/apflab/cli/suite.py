@@ -51,6 +51,7 @@ def format_full(doc: dict[str, Any]) -> str:
         ("  its page-readies", doc.get("warm_run_events"), ">= 10,000"),
         ("cold make run (s)", doc.get("cold_run_s"), "<= 300"),
         ("analyzer parse+analyze (events/s)", doc.get("analyzer_events_per_s"), ">= 1,000,000"),
+        ("  raw pages decode+analyze (events/s)", doc.get("analyzer_raw_events_per_s"), "-"),
         ("analyzer peak RSS (MiB)", doc.get("analyzer_peak_rss_mib"), "bounded"),
         ("lost trace events", doc.get("lost_events"), "0"),
         ("  top lossless rate (async PFs/min)", doc.get("loss_top_async_pfs_per_min"), ">= 20,000"),

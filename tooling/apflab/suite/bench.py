@@ -21,6 +21,8 @@ from apflab.errors import AnalysisError, UsageError
 
 #: Where a default benchmark trace is looked for, relative to the source checkout.
 DEFAULT_TRACE = Path("tests/unit/fixtures/traces/stock-1-full.trace.xz")
+#: A raw capture (the format every run keeps since the raw reader), same checkout.
+DEFAULT_RAW = Path("tests/unit/fixtures/traces/record-1/trace.raw")
 
 
 def default_trace() -> Path:

@@ -46,7 +46,7 @@ from apflab.process import run
 from apflab.run import dispatch
 from apflab.run.batch import Batch
 from apflab.run.scenario import Scenario
-from apflab.suite.bench import bench_analyzer
+from apflab.suite.bench import DEFAULT_RAW, bench_analyzer
 from apflab.undo import UndoStack
 
 Emit = Callable[[str], None]
@@ -261,10 +261,24 @@ def peak_rss_mib(trace: Path) -> float:
     return round(int(out.stdout.split()[1]) / 1024, 1)  # "VmHWM:  25200 kB"
 
 
+def default_raw_capture() -> Path | None:
+    """The raw capture of the unit-test fixtures (record-1), in a source checkout."""
+    root = paths.repo_root()
+    path = root / DEFAULT_RAW if root is not None else None
+    return path if path is not None and path.is_dir() else None
+
+
 def analyzer(trace: Path) -> dict[str, Any]:
     """Events/s (best of 3) and, in a fresh process, the peak RSS of one analysis."""
     rates = bench_analyzer(trace, repeat=3)
+    raw = default_raw_capture()
+    raw_rates = bench_analyzer(raw, repeat=3) if raw is not None else {}
     return {
+        # the runs' own capture since the raw reader: its pages decoded + analysed
+        "analyzer_raw_trace": str(raw) if raw is not None else None,
+        "analyzer_raw_events": raw_rates.get("events"),
+        "analyzer_raw_events_per_s": raw_rates.get("analyze_events_per_s"),
+        "decoder_raw_events_per_s": raw_rates.get("parse_events_per_s"),
         "analyzer_trace": str(trace),
         "analyzer_events": rates["events"],
         "analyzer_events_per_s": rates["analyze_events_per_s"],

@@ -19,7 +19,7 @@ import os
 import resource
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, ClassVar
@@ -166,6 +166,16 @@ def _write_all(out: BinaryIO, data: bytes) -> None:
         view = view[n:]
 
 
+class _Fd:
+    """An OS file descriptor, closed by :func:`contextlib.closing`."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class TraceSession:
     """A tracefs instance streaming the async-PF events to ``out_path``.
 
@@ -310,40 +320,34 @@ class TraceSession:
             ) from err
 
     def _pump(self, fd: int) -> None:
-        try:
-            with self.out_path.open("wb") as out:
-                idle_after_stop = 0
-                while True:
-                    try:
-                        chunk = os.read(fd, 1 << 20)
-                    except BlockingIOError:
-                        chunk = b""
-                    if chunk:
-                        out.write(chunk)
-                        self._bytes += len(chunk)
-                        idle_after_stop = 0
-                        continue
-                    if self._stop.is_set():
-                        idle_after_stop += 1
-                        if idle_after_stop >= 3:  # drained: three empty reads after stop
-                            break
-                    time.sleep(0.05)
-        except BaseException as err:  # surfaced by stop()
-            self._error = err
-        finally:
-            os.close(fd)
-            usage = resource.getrusage(resource.RUSAGE_THREAD)
-            self._reader_cpu = usage.ru_utime + usage.ru_stime
+        """``trace_pipe``'s text to ``out_path``."""
+        with self._reader(), contextlib.closing(_Fd(fd)), self.out_path.open("wb") as out:
+
+            def step() -> int:
+                try:
+                    chunk = os.read(fd, 1 << 20)
+                except BlockingIOError:
+                    return 0
+                out.write(chunk)
+                return len(chunk)
+
+            self._until_drained(step, 0.05)
 
     def _pump_raw(self, fds: dict[int, int]) -> None:
         """Each CPU's ``trace_pipe_raw`` to its ``cpuN.pages``: one page per read()
         (a page not yet full comes back with what it holds; nothing is formatted)."""
         page = os.sysconf("SC_PAGE_SIZE")
-        # unbuffered: what the stall watch reads back to confirm a stall is all there
-        outs = {c: (self.out_path / f"cpu{c}.pages").open("ab", buffering=0) for c in fds}
-        try:
-            idle_after_stop = 0
-            while True:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self._reader())
+            for fd in fds.values():
+                stack.enter_context(contextlib.closing(_Fd(fd)))
+            # unbuffered: what the stall watch reads back to confirm a stall is all there
+            outs = {
+                c: stack.enter_context((self.out_path / f"cpu{c}.pages").open("ab", buffering=0))
+                for c in fds
+            }
+
+            def step() -> int:
                 got = 0
                 for cpu, fd in fds.items():
                     data = _read_pages(fd, page)
@@ -352,25 +356,36 @@ class TraceSession:
                         got += len(data)
                         if self.on_pages is not None:
                             self.on_pages(cpu, data)
-                self._bytes += got
-                if got:
-                    idle_after_stop = 0
-                    continue
-                if self._stop.is_set():
-                    idle_after_stop += 1
-                    if idle_after_stop >= 3:  # drained: three empty rounds after stop
-                        break
-                time.sleep(0.05 if self._stop.is_set() else RAW_POLL_S)
+                return got
+
+            self._until_drained(step, RAW_POLL_S)
+
+    @contextlib.contextmanager
+    def _reader(self) -> Iterator[None]:
+        """The reader thread's body: its error kept for :meth:`check`, its CPU counted."""
+        try:
+            yield
         except BaseException as err:  # surfaced by stop()
             self._error = err
         finally:
-            for fd in fds.values():
-                os.close(fd)
-            for out in outs.values():
-                with contextlib.suppress(OSError):
-                    out.close()
             usage = resource.getrusage(resource.RUSAGE_THREAD)
             self._reader_cpu = usage.ru_utime + usage.ru_stime
+
+    def _until_drained(self, step: Callable[[], int], pause_s: float) -> None:
+        """Call ``step`` (bytes read) every ``pause_s`` while tracing; after stop, until
+        three empty reads in a row (drained)."""
+        idle_after_stop = 0
+        while True:
+            got = step()
+            self._bytes += got
+            if got:
+                idle_after_stop = 0
+                continue
+            if self._stop.is_set():
+                idle_after_stop += 1
+                if idle_after_stop >= 3:
+                    break
+            time.sleep(0.05 if self._stop.is_set() else pause_s)
 
     def _join_reader(self) -> None:
         self._stop.set()

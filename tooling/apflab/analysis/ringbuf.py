@@ -278,16 +278,6 @@ def page_events(data: bytes, formats: Formats) -> Iterator[tuple[int, int, int, 
                 off += 8
 
 
-def missed_pages(data: bytes, formats: Formats) -> int:
-    """Pages whose commit says events were lost before them."""
-    page, c_off = formats.page_size, formats.commit_offset
-    return sum(
-        1
-        for base in range(0, len(data) - page + 1, page)
-        if _U64.unpack_from(data, base + c_off)[0] & MISSED_FLAGS
-    )
-
-
 def _cpu_events(
     data: bytes, cpu: int, formats: Formats, stats: ParseStats
 ) -> Generator[tuple[int, Event], None, None]:

@@ -253,7 +253,9 @@ def page_events(data: bytes, formats: Formats) -> Iterator[tuple[int, int, int, 
     commit_mask = ~MISSED_FLAGS
     for base in range(0, len(data) - page + 1, page):
         ts = _U64.unpack_from(data, base)[0]
-        end = base + data_off + (_U64.unpack_from(data, base + c_off)[0] & commit_mask)
+        end = min(
+            base + page, base + data_off + (_U64.unpack_from(data, base + c_off)[0] & commit_mask)
+        )
         off = base + data_off
         while off < end:
             h = u32(data, off)[0]
@@ -265,6 +267,8 @@ def page_events(data: bytes, formats: Formats) -> Iterator[tuple[int, int, int, 
                 else:
                     length = u32(data, off + 4)[0]
                     start, off = off + 8, off + 4 + length
+                if off > end or start + 2 > end:  # a length past the page: not an event
+                    break
                 yield ts, data[start] | data[start + 1] << 8, start, off
             elif type_len == 29:  # padding: a discarded event, or the page's end
                 if not h >> 5:
@@ -386,7 +390,7 @@ def count(pages: Iterable[bytes], formats: Formats) -> Counts:
         for base in range(0, len(data) - page + 1, page):
             ts = u64(data, base)[0]
             off = base + data_off
-            end = off + (u64(data, base + c_off)[0] & mask)
+            end = min(base + page, off + (u64(data, base + c_off)[0] & mask))
             while off < end:
                 h = u32(data, off)[0]
                 type_len = h & 31
@@ -403,6 +407,8 @@ def count(pages: Iterable[bytes], formats: Formats) -> Counts:
                 ts += h >> 5
                 start = off + 4 if type_len else off + 8
                 off = start + 4 * type_len if type_len else off + 4 + u32(data, off + 4)[0]
+                if off > end or start + 2 > end:  # a length past the page: not an event
+                    break
                 type_id = data[start] | data[start + 1] << 8
                 if type_id == np_id:
                     n_np += 1

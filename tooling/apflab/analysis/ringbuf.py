@@ -376,51 +376,28 @@ class Counts:
 
 
 def count(pages: Iterable[bytes], formats: Formats) -> Counts:
-    """Count not_present and ready events, cheaply (no Event objects, no generator):
-    the stall watch's every-second look at what the tracer read, beside the guest."""
+    """Count not_present and ready events, cheaply (no Event objects): the stall
+    watch's every-second look at what the tracer read, beside the guest."""
     np_id = formats.id_of("kvm_async_pf_not_present")
     ready_id = formats.id_of("kvm_async_pf_ready")
     tok = formats.events["kvm_async_pf_ready"].fields["token"].offset if ready_id else 0
-    page, data_off, c_off = formats.page_size, formats.data_offset, formats.commit_offset
-    u32, u64, mask = _U32.unpack_from, _U64.unpack_from, ~MISSED_FLAGS
+    u64 = _U64.unpack_from
     n_np = n_ready = 0
     wake: list[int] | None = None  # [not_present, ready] since the last wake-all
     last: int | None = None
     for data in pages:
-        for base in range(0, len(data) - page + 1, page):
-            ts = u64(data, base)[0]
-            off = base + data_off
-            end = min(base + page, off + (u64(data, base + c_off)[0] & mask))
-            while off < end:
-                h = u32(data, off)[0]
-                type_len = h & 31
-                if type_len > 28:
-                    if type_len == 29:
-                        if not h >> 5:
-                            break
-                        off += 4 + u32(data, off + 4)[0]
-                        continue
-                    x = u32(data, off + 4)[0] << _TS_SHIFT | h >> 5
-                    ts = ts + x if type_len == 30 else x | (ts & _TS_MSB)
-                    off += 8
-                    continue
-                ts += h >> 5
-                start = off + 4 if type_len else off + 8
-                off = start + 4 * type_len if type_len else off + 4 + u32(data, off + 4)[0]
-                if off > end or start + 2 > end:  # a length past the page: not an event
-                    break
-                type_id = data[start] | data[start + 1] << 8
-                if type_id == np_id:
-                    n_np += 1
-                    if wake is not None:
-                        wake[0] += 1
-                elif type_id == ready_id:
-                    n_ready += 1
-                    if u64(data, start + tok)[0] == WAKE_ALL_TOKEN:
-                        wake = [0, 0]
-                    elif wake is not None:
-                        wake[1] += 1
+        for ts, type_id, start, _ in page_events(data, formats):
             last = ts
+            if type_id == np_id:
+                n_np += 1
+                if wake is not None:
+                    wake[0] += 1
+            elif type_id == ready_id:
+                n_ready += 1
+                if u64(data, start + tok)[0] == WAKE_ALL_TOKEN:
+                    wake = [0, 0]
+                elif wake is not None:
+                    wake[1] += 1
     return Counts(
         n_np,
         n_ready,

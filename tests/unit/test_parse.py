@@ -196,3 +196,14 @@ def test_full_xz_trace_counts_match_grep() -> None:
     assert kinds[Kind.PF] + kinds[Kind.PF_REINJECTED] == 19474
     assert kinds[Kind.PF_REINJECTED] == 3482
     assert (st.events, st.header, st.unparsed) == (101184, 12, 0)
+
+
+def test_lost_lines_are_counted_not_parsed() -> None:
+    # trace_pipe's own note where its reader lost events (a real 4 KB-buffer capture)
+    stats = ParseStats()
+    with (TRACES / "flood-lossy-l0.trace").open() as f:
+        events = list(parse.iter_events(f, stats))
+    assert len(events) == 456 - 3
+    assert {e.kind for e in events} == {Kind.MARKER}
+    assert (stats.lost_marks, stats.lost_counted) == (3, 226 + 791 + 904)
+    assert (stats.header, stats.unparsed) == (3, 0)

@@ -83,3 +83,35 @@ def test_a_compressed_capture_decodes_the_same(tmp_path: Path) -> None:
     assert sorted(p.name for p in capture.iterdir()) == ["cpu0.pages.xz", ringbuf.FORMATS]
     assert list(ringbuf.iter_raw_events(capture)) == before
     assert ringbuf.compress_capture(capture) == 0  # judged again: nothing left to do
+
+
+LOSSY = Path(__file__).parent / "fixtures" / "traces" / "flood-lossy-l0"
+
+
+def test_lossy_pages_decode_and_say_how_much_was_lost() -> None:
+    # 4 KB per CPU, 20,000 markers/s: the kernel overwrote 56,160 events (its overrun
+    # counters: 34,465 + 21,695) and flagged 15 pages RB_MISSED_EVENTS with the count
+    # stored after the page's events; its flags arrive sign-extended (commit bits 31-63)
+    formats, files = ringbuf.read_capture(LOSSY)
+    commits = [
+        int.from_bytes(data[i + 8 : i + 16], "little")
+        for data in (ringbuf.read_pages(p) for p in files.values())
+        for i in range(0, len(data), formats.page_size)
+    ]
+    flagged = [c for c in commits if c & ringbuf.MISSED_EVENTS]
+    assert len(flagged) == 15
+    assert all(c >> 31 == (1 << 33) - 1 for c in flagged)  # sign-extended
+    stats = ParseStats()
+    events = list(ringbuf.iter_raw_events(LOSSY, stats))
+    assert len(events) == 2183 + 1485  # the counters' "read events": every one kept
+    assert {e.kind for e in events} == {Kind.MARKER}
+    assert stats.unparsed == 0  # no stored count read as an event
+    assert (stats.lost_marks, stats.lost_counted) == (15, 34_465 + 21_695)
+    assert stats.lost_at_least() == 56_160
+
+
+def test_a_capture_without_loss_marks_none() -> None:
+    stats = ParseStats()
+    for _ in ringbuf.iter_raw_events(RAW, stats):
+        pass
+    assert (stats.lost_marks, stats.lost_counted) == (0, 0)

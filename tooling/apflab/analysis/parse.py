@@ -89,7 +89,7 @@ class ParseStats:
     """Counters :func:`iter_events` fills in while it reads (one per reader).
 
     :ivar lines: every line seen
-    :ivar header: ``#`` comment lines and blank lines
+    :ivar header: ``#`` comment lines, blank lines and ``[LOST]`` lines
     :ivar events: lines that became an :class:`Event`
     :ivar unparsed: other lines (other events, other MSRs, non-#PF exceptions,
         text that is not a trace line); includes ``malformed``
@@ -97,6 +97,9 @@ class ParseStats:
     :ivar first_malformed: the first such line, for error messages
     :ivar markers: ``(ts_us, text)`` of each ``trace_marker`` line (the first
         :data:`MAX_MARKERS`): what the runner noted on the trace clock
+    :ivar lost_marks: places where the trace itself says events were lost before
+        it (``CPU:N [LOST n EVENTS]`` lines; a raw page flagged ``RB_MISSED_EVENTS``)
+    :ivar lost_counted: the events those places say were lost, where they say how many
     """
 
     lines: int = 0
@@ -106,6 +109,12 @@ class ParseStats:
     malformed: int = 0
     first_malformed: str | None = None
     markers: list[tuple[int, str]] = field(default_factory=list)
+    lost_marks: int = 0
+    lost_counted: int = 0
+
+    def lost_at_least(self) -> int:
+        """The events the trace itself says were lost (each mark is at least one)."""
+        return max(self.lost_counted, self.lost_marks)
 
     def marker(self, text: str) -> int | None:
         """The time of the first marker with this text, None if there is none."""
@@ -264,6 +273,20 @@ def _keep_marker(line: str, stats: ParseStats) -> Event | None:
     return marker
 
 
+#: what trace_pipe prints where the reader lost events (trace.c, print_trace_line)
+_LOST_RE = re.compile(r"CPU:\d+ \[LOST (?:(\d+) )?EVENTS\]")
+
+
+def _lost_mark(line: str, stats: ParseStats) -> bool:
+    """A ``CPU:N [LOST n EVENTS]`` line, counted in ``stats``."""
+    m = _LOST_RE.match(line.lstrip())
+    if m is None:
+        return False
+    stats.lost_marks += 1
+    stats.lost_counted += int(m[1] or 0)
+    return True
+
+
 def _is_header(line: str) -> bool:
     return not line.strip() or line.lstrip().startswith("#")
 
@@ -328,7 +351,7 @@ def iter_events(
             n += 1
             head, sep, tail = line.partition(": kvm_")
             if not sep:
-                if _is_header(line):
+                if _is_header(line) or _lost_mark(line, stats):
                     header += 1
                 elif (marker := _keep_marker(line, stats)) is not None:
                     yield marker

@@ -52,8 +52,13 @@ FORMATS = "formats.txt"
 PAGES = "cpu{}.pages"
 #: the ftrace event that ``trace_marker`` writes
 PRINT_EVENT = "print"
-#: commit flags (``RB_MISSED_EVENTS``, ``RB_MISSED_STORED``): events lost before this page
-MISSED_FLAGS = (1 << 31) | (1 << 30)
+#: a page's commit: its bytes of events are the bits below the flags ``RB_MISSED_STORED``
+#: (bit 30: the count of lost events follows the events) and ``RB_MISSED_EVENTS`` (bit 31:
+#: events were lost before this page).  The kernel adds the flags to a 64-bit ``local_t``
+#: as ints, so bit 31 comes sign-extended: every bit from 31 up is set (seen in the lab)
+COMMIT_BYTES = (1 << 30) - 1
+MISSED_STORED = 1 << 30
+MISSED_EVENTS = 1 << 31
 _TS_SHIFT = 27
 _TS_MSB = 0x1F << 59
 _U32 = struct.Struct("<I")
@@ -250,11 +255,10 @@ def page_events(data: bytes, formats: Formats) -> Iterator[tuple[int, int, int, 
     """
     page, data_off, c_off = formats.page_size, formats.data_offset, formats.commit_offset
     u32 = _U32.unpack_from
-    commit_mask = ~MISSED_FLAGS
     for base in range(0, len(data) - page + 1, page):
         ts = _U64.unpack_from(data, base)[0]
         end = min(
-            base + page, base + data_off + (_U64.unpack_from(data, base + c_off)[0] & commit_mask)
+            base + page, base + data_off + (_U64.unpack_from(data, base + c_off)[0] & COMMIT_BYTES)
         )
         off = base + data_off
         while off < end:
@@ -282,6 +286,21 @@ def page_events(data: bytes, formats: Formats) -> Iterator[tuple[int, int, int, 
                 off += 8
 
 
+def page_losses(data: bytes, formats: Formats) -> tuple[int, int]:
+    """(pages flagged ``RB_MISSED_EVENTS``, the lost events their stored counts say):
+    the reader lost events before each such page (its buffer was overwritten)."""
+    page, data_off, c_off = formats.page_size, formats.data_offset, formats.commit_offset
+    marks = counted = 0
+    for base in range(0, len(data) - page + 1, page):
+        commit = _U64.unpack_from(data, base + c_off)[0]
+        if commit & MISSED_EVENTS:
+            marks += 1
+            at = base + data_off + (commit & COMMIT_BYTES)
+            if commit & MISSED_STORED and at + 8 <= base + page:
+                counted += _U64.unpack_from(data, at)[0]
+    return marks, counted
+
+
 def _cpu_events(
     data: bytes, cpu: int, formats: Formats, stats: ParseStats
 ) -> Generator[tuple[int, Event], None, None]:
@@ -290,6 +309,9 @@ def _cpu_events(
     marker_id = formats.id_of(PRINT_EVENT)
     buf_off = formats.events[PRINT_EVENT].fields["buf"].offset if marker_id is not None else 0
     pid_at = struct.Struct("<i").unpack_from
+    marks, counted = page_losses(data, formats)
+    stats.lost_marks += marks
+    stats.lost_counted += counted
     n = unparsed = 0
     try:
         for ts_ns, type_id, start, end in page_events(data, formats):

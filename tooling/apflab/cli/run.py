@@ -131,6 +131,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     run_json = args.trace.parent / "run.json"
     if run_json.exists():  # a results dir: the tracer's loss counters were recorded there
         lost = json.loads(run_json.read_text()).get("trace", {}).get("lost")
+    if stats.lost_marks:  # the trace itself says it lost some
+        lost = max(lost or 0, stats.lost_at_least())
     doc = verdict.analysis_document(analysis, lost)
     if args.json:
         print(json.dumps(doc, indent=1))

@@ -75,6 +75,9 @@ def judge(rec: RunRecord, extra: dict[str, Any] | None = None) -> dict[str, Any]
         workload_start = stats.marker(WORKLOAD_START)
     guest = guest_view(rec.workload.rounds if rec.workload else (), workload_start)
     ev = evidence(rec)
+    if analysis is not None and ev.lost_events is not None:
+        # the trace's own loss marks count too, should the counters have missed one
+        ev = dataclasses.replace(ev, lost_events=max(ev.lost_events, stats.lost_at_least()))
     result = verdict.judge(analysis, ev, thresholds)
     if analysis is None and not rec.errors and rec.guest.accel == "tcg":
         # A pressure-only run (no KVM): the machinery worked, but there is no

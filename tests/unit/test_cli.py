@@ -2,6 +2,7 @@
 seconds, and nothing on the host changes."""
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -127,6 +128,13 @@ def test_analyze_prints_the_contract_parts(capsys: pytest.CaptureFixture[str]) -
     out = capsys.readouterr().out
     for key in ('"events"', '"latency_us"', '"invariants"', '"not_present_to_ready"'):
         assert key in out
+
+
+def test_analyze_reports_the_loss_its_trace_marks(capsys: pytest.CaptureFixture[str]) -> None:
+    # a lab capture that lost events, without its run.json: the pages' own marks say so
+    trace = Path(__file__).parent / "fixtures" / "traces" / "lossy-4k-1" / "trace.raw"
+    assert main(["analyze", "--json", str(trace)]) == 0
+    assert json.loads(capsys.readouterr().out)["events"]["lost"] == 856
 
 
 def analyze_into(stdout: int | IO[str], runtime: Path) -> subprocess.CompletedProcess[str]:

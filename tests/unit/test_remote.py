@@ -136,6 +136,17 @@ def test_variant_ids_name_the_cells_of_the_matrix(tmp_path: Path) -> None:
     assert "run-apflab_sample-s1-kernel-unpatched-2b46" in variants
 
 
+def _runs_ssh(shell: int) -> bool:
+    """The shell has a child and it is the (pretend) ssh, exec'd."""
+    children = remote._children(shell)
+    try:
+        return bool(children) and all(
+            Path(f"/proc/{c}/cmdline").read_bytes().split(b"\0")[0] == b"ssh" for c in children
+        )
+    except OSError:
+        return False
+
+
 def test_left_over_sessions_are_closed_and_nothing_else(tmp_path: Path) -> None:
     _, files = job(tmp_path)
     marker = f"UserKnownHostsFile={files.known_hosts}"
@@ -147,8 +158,10 @@ def test_left_over_sessions_are_closed_and_nothing_else(tmp_path: Path) -> None:
             d = files.sessions / f"aexpect_{s.pid}"
             d.mkdir()
             (d / "shell-pid").write_text(f"{s.pid}\n")
+        # until each shell's child has exec'd (before, it is a forked bash: a busy
+        # machine widens that window, and the test then failed once with a lab up)
         deadline = time.monotonic() + 10
-        while not all(remote._children(s.pid) for s in (shell, other)):
+        while not all(_runs_ssh(s.pid) for s in (shell, other)):
             assert time.monotonic() < deadline
             time.sleep(0.05)
         assert remote.close_sessions(files) == 1

@@ -3,6 +3,7 @@ ways: ``record-1`` is one lab run's ring buffer read as text (``trace``) and the
 pages (``trace_pipe_raw``), the same events (fixtures/traces/README.md)."""
 
 from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,9 @@ def test_lossy_pages_decode_and_say_how_much_was_lost() -> None:
     assert stats.unparsed == 0  # no stored count read as an event
     assert (stats.lost_marks, stats.lost_counted) == (15, 34_465 + 21_695)
     assert stats.lost_at_least() == 56_160
+    # two CPUs' pages merged on the trace clock, as trace_pipe merges them
+    assert {e.cpu for e in events} == {0, 1}
+    assert all(a.ts_us <= b.ts_us for a, b in pairwise(events))
 
 
 def test_a_capture_without_loss_marks_none() -> None:

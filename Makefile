@@ -10,14 +10,17 @@ VPY := $(VENV)/bin/python
 APFLAB := $(VENV)/bin/apflab
 RESULTS ?= $(CURDIR)/results
 STAMP := $(VENV)/.deps-$(shell cat requirements.lock requirements-dev.lock requirements-nodeps.txt setup.cfg | sha256sum | cut -c1-16)
+# the analyzer's hot modules compiled by mypyc (apflab.analysis.native); their stamp
+NATIVE_STAMP := tooling/apflab/analysis/.native.json
+NATIVE_SRC := $(wildcard tooling/apflab/analysis/*.py)
 
-.PHONY: all deps lock images lint unit functional check check-faults check-heavy check-night check-host run bench calibrate cleanup doctor clean help
+.PHONY: all deps native clean-native lock images lint unit functional check check-faults check-heavy check-night check-host run bench calibrate cleanup doctor clean help
 all: help
 help:
 	@echo "make run    - full async-PF latency verdict on the default lab (exit 0 PASS,1 FAIL,2 INVALID,3 ERROR)"
 	@echo "make check  - deps + lint + unit + functional tests"
 	@echo "make check-faults | check-heavy | check-night | check-host - the heavy tiers (README: Test tiers)"
-	@echo "make deps | images | lint | unit | functional | bench | calibrate | cleanup | doctor | lock | clean"
+	@echo "make deps | native | images | lint | unit | functional | bench | calibrate | cleanup | doctor | lock | clean"
 
 deps: $(STAMP)
 $(STAMP): requirements.lock requirements-dev.lock requirements-nodeps.txt setup.cfg
@@ -55,6 +58,17 @@ $(STAMP): requirements.lock requirements-dev.lock requirements-nodeps.txt setup.
 	rm -f $(VENV)/.deps-*
 	touch $@
 
+# the analyzer compiled (~30 s; again whenever a source of the package changes: a stale
+# build is never used, apflab.analysis.native checks the hashes at import).  The tests,
+# make bench, calibrate and the nights build it; one make run does not wait for it
+# (its analysis takes ~1 s as Python) but uses it when it is there and current.
+native: $(NATIVE_STAMP)
+$(NATIVE_STAMP): $(STAMP) $(NATIVE_SRC)
+	APFLAB_PURE=1 $(VPY) -c 'from apflab.analysis import native; native.main(["build"])'
+
+clean-native:
+	[ ! -x $(VPY) ] || $(VPY) -c 'from apflab.analysis import native; native.main(["clean"])'
+
 lock:
 	rm -rf build/lockvenv && $(PYTHON) -m venv build/lockvenv
 	build/lockvenv/bin/pip install -q -r requirements.txt
@@ -74,32 +88,34 @@ lint: deps
 	$(VENV)/bin/mypy
 	MYPYPATH=tooling:tests/functional $(VENV)/bin/mypy tests/functional
 
-unit: deps
-	$(VENV)/bin/pytest tests/unit
+# the analyzer runs compiled here (tests/unit/test_native.py checks it is, and that it
+# reads every fixture as the Python source does)
+unit: deps native
+	APFLAB_EXPECT_NATIVE=1 $(VENV)/bin/pytest tests/unit
 
-functional: deps images
+functional: deps native images
 	$(APFLAB) cleanup
 	$(APFLAB) check-functional --results $(RESULTS)
 	$(APFLAB) cleanup --check
 
-check: deps lint unit functional
+check: deps native lint unit functional
 
 # the heavy tier: tests make check leaves out (their capability is covered there by a
 # cheaper test); results under results/check-heavy-*
 # the fault tests (tags=faults): make check runs the quick one
-check-faults: deps images
+check-faults: deps native images
 	$(APFLAB) cleanup
 	$(APFLAB) check-functional --only host --tags faults --results $(RESULTS)
 	$(APFLAB) cleanup --check
 
-check-heavy: deps images
+check-heavy: deps native images
 	$(APFLAB) cleanup
 	$(APFLAB) check-functional --only host --tags heavy,-night_full,-host_kernel --results $(RESULTS)
 	$(APFLAB) cleanup --check
 
 # two full nights (tests/functional/nightly.yaml: 3 kernels x 3 samples, then the late
 # ACK made longer): flags, comparisons, a regression named by its night, the trend report
-check-night: deps images
+check-night: deps native images
 	$(APFLAB) cleanup
 	$(VENV)/bin/avocado --config tests/avocado.conf run --job-results-dir $(RESULTS)/check-night \
 	  --max-parallel-tasks 1 --filter-by-tags=night_full tests/functional/test_nightly.py
@@ -108,7 +124,7 @@ check-night: deps images
 # the host-side controls (issue 13): L1 booted on host kernels apflab builds, one L1 per
 # variant of tests/functional/host_controls.yaml (so no lab may be up), then a night
 # with the host kernel as its axis (tests/functional/host_night.yaml)
-check-host: deps images
+check-host: deps native images
 	$(APFLAB) cleanup
 	$(VENV)/bin/avocado --config tests/avocado.conf run --job-results-dir $(RESULTS)/check-host \
 	  --max-parallel-tasks 1 --mux-yaml=tests/functional/host_controls.yaml tests/functional/test_apf.py
@@ -121,12 +137,12 @@ run: deps images
 	$(APFLAB) run --results $(RESULTS)
 
 # what a verdict costs here (warm and cold runs, tracer overhead, analyzer): results/bench.json
-bench: deps images
+bench: deps native images
 	$(APFLAB) cleanup
 	$(APFLAB) bench --full --cold --results $(RESULTS)
 
 # the calibration runs of docs/calibration.md (kernels x samples in one lab; ~2.5 min a run)
-calibrate: deps images
+calibrate: deps native images
 	$(APFLAB) cleanup
 	$(APFLAB) calibrate --results $(RESULTS)
 
@@ -136,5 +152,5 @@ cleanup: deps
 doctor: deps
 	$(APFLAB) doctor
 
-clean:
+clean: clean-native
 	rm -rf $(VENV) build .mypy_cache .ruff_cache .pytest_cache

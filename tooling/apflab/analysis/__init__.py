@@ -21,4 +21,11 @@
 
 Only :func:`~apflab.analysis.parse.open_trace` (and so
 :func:`~apflab.analysis.analyzer.analyze_trace`) touches files.
+
+The hot modules run compiled by mypyc where ``make native`` built them and as plain
+Python elsewhere (:mod:`~apflab.analysis.native` chooses, here, before any is imported).
 """
+
+from apflab.analysis import native
+
+native.select()

@@ -72,6 +72,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable
+from typing import Final
 
 from apflab.analysis.model import MAX_OUTSTANDING_PER_VCPU, UnackedReady
 from apflab.analysis.parse import WAKE_ALL_TOKEN, Event
@@ -79,9 +80,11 @@ from apflab.analysis.state import DeliveredReady, Delivery, Token, VcpuState, ad
 from apflab.analysis.stats import Histogram
 
 #: readies awaiting their ACK kept per vCPU before the oldest is written off (censored)
-MAX_AWAITING_ACK = 4 * MAX_OUTSTANDING_PER_VCPU
-_INTERRUPT, _HALT = Delivery.INTERRUPT, Delivery.HALT
-_new_ready = tuple.__new__  # DeliveredReady(...) without the generated __new__'s Python frame
+MAX_AWAITING_ACK: Final = 4 * MAX_OUTSTANDING_PER_VCPU
+_INTERRUPT: Final = Delivery.INTERRUPT
+_HALT: Final = Delivery.HALT
+# DeliveredReady(...) without the generated __new__'s Python frame
+_new_ready: Final = tuple.__new__
 
 
 class AckMatcher:

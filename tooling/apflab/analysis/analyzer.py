@@ -28,6 +28,7 @@ import lzma
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Final
 
 from apflab.analysis import ringbuf
 from apflab.analysis.acks import AckMatcher
@@ -46,14 +47,12 @@ from apflab.analysis.timeline import TimelineBuilder
 from apflab.analysis.tokens import CompletionMatcher, TokenTracker
 from apflab.errors import AnalysisError
 
-_READY, _COMPLETED, _ACK, _PF, _PF_RE, _MARKER = (
-    Kind.READY,
-    Kind.COMPLETED,
-    Kind.ACK,
-    Kind.PF,
-    Kind.PF_REINJECTED,
-    Kind.MARKER,
-)
+_READY: Final = Kind.READY
+_COMPLETED: Final = Kind.COMPLETED
+_ACK: Final = Kind.ACK
+_PF: Final = Kind.PF
+_PF_RE: Final = Kind.PF_REINJECTED
+_MARKER: Final = Kind.MARKER
 _Handler = Callable[[VcpuState, int, int, int], None]
 
 

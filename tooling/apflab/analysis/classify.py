@@ -12,18 +12,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from itertools import chain
+from typing import Final
 
 from apflab.analysis.model import CLASSIFICATION_HEURISTIC, CLASSIFICATION_PF
 from apflab.analysis.parse import WAKE_ALL_TOKEN, Event, Kind
 
-AUTO = "auto"
+AUTO: Final = "auto"
 #: the values of ``analyze(classification=...)``
 CHOICES = (AUTO, CLASSIFICATION_PF, CLASSIFICATION_HEURISTIC)
 #: look-ahead limits of the auto-detection
-DETECT_NOT_PRESENT = 4096
-DETECT_EVENTS = 100_000
-_PF_DETAIL = "interrupt/halt path from the #PF injection"
-_FORCED_HEURISTIC_DETAIL = "interrupt/halt path inferred from ACKs (heuristic, forced)"
+DETECT_NOT_PRESENT: Final = 4096
+DETECT_EVENTS: Final = 100_000
+_PF_DETAIL: Final = "interrupt/halt path from the #PF injection"
+_FORCED_HEURISTIC_DETAIL: Final = "interrupt/halt path inferred from ACKs (heuristic, forced)"
 
 
 def detect(events: Iterator[Event]) -> tuple[str, str, list[Event]]:

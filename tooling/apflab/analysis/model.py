@@ -9,11 +9,12 @@ verdict.json contract (``vcpus``, ``counters``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Final
 
 from apflab.analysis.stats import Histogram
 
 #: KVM's ``ASYNC_PF_PER_VCPU``: most tokens a vCPU may have outstanding.
-MAX_OUTSTANDING_PER_VCPU = 64
+MAX_OUTSTANDING_PER_VCPU: Final = 64
 #: The latency metrics of the verdict.json contract, in order.
 METRICS = (
     "not_present_to_ready",
@@ -24,7 +25,7 @@ METRICS = (
 )
 #: How the interrupt/halt class of a token was decided: from the #PF injection
 #: that follows its not_present (see :mod:`apflab.analysis.acks`).
-CLASSIFICATION_PF = "pf"
+CLASSIFICATION_PF: Final = "pf"
 #: Heuristic used when the trace has no #PF injection events: every ready of a
 #: known token is an interrupt-path *candidate*; an ACK acknowledges the most
 #: recent candidate (or, when the ready just before the ACK was logged closer to
@@ -34,7 +35,7 @@ CLASSIFICATION_PF = "pf"
 #: not_present, repeated fault) before an ACK, and a last candidate with no
 #: later event.  Back-to-back readies cannot be told from halt-path ones this
 #: way and are not assessed.
-CLASSIFICATION_HEURISTIC = "heuristic"
+CLASSIFICATION_HEURISTIC: Final = "heuristic"
 
 
 @dataclass(frozen=True)

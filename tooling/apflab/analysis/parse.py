@@ -38,16 +38,16 @@ from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
-from typing import NamedTuple, TextIO
+from typing import Final, NamedTuple, TextIO
 
 from apflab.errors import AnalysisError
 
 #: ``MSR_KVM_ASYNC_PF_ACK`` as ``kvm_msr`` prints it (``%x``).
-ACK_MSR = "4b564d07"
+ACK_MSR: Final = "4b564d07"
 #: The token of a wake-all (broadcast) page-ready.
-WAKE_ALL_TOKEN = 0xFFFFFFFF
+WAKE_ALL_TOKEN: Final = 0xFFFFFFFF
 #: :attr:`Event.token` of events that carry no token.
-NO_TOKEN = -1
+NO_TOKEN: Final = -1
 
 
 class Kind(IntEnum):
@@ -122,21 +122,26 @@ class ParseStats:
 
 
 #: trace_marker lines kept in :attr:`ParseStats.markers`
-MAX_MARKERS = 10_000
+MAX_MARKERS: Final = 10_000
 
 
-_MARKER_SEP = ": tracing_mark_write: "
-_NP, _READY, _COMPLETED = Kind.NOT_PRESENT, Kind.READY, Kind.COMPLETED
-_ACK, _PF, _PF_RE, _MARK = Kind.ACK, Kind.PF, Kind.PF_REINJECTED, Kind.MARKER
-_new_event = tuple.__new__  # Event(...) without the generated __new__'s Python frame
-_PREFIX_CACHE_MAX = 4096
+_MARKER_SEP: Final = ": tracing_mark_write: "
+_NP: Final = Kind.NOT_PRESENT
+_READY: Final = Kind.READY
+_COMPLETED: Final = Kind.COMPLETED
+_ACK: Final = Kind.ACK
+_PF: Final = Kind.PF
+_PF_RE: Final = Kind.PF_REINJECTED
+_MARK: Final = Kind.MARKER
+_new_event: Final = tuple.__new__  # Event(...) without the generated __new__'s Python frame
+_PREFIX_CACHE_MAX: Final = 4096
 
 # The general layout, for lines the fast path does not take (a tgid column, odd spacing).
-_LINE_RE = re.compile(
+_LINE_RE: Final = re.compile(
     r"^\s*(?P<comm>.*)-(?P<pid>\d+)\s+(?:\(\s*[\d-]+\)\s+)?\[(?P<cpu>\d+)\]\s+"
     r"(?:[^\s\d]\S*\s+)?(?P<ts>\d+(?:\.\d+)?): (?P<event>\w+): (?P<args>.*)$"
 )
-_PREFIX_RE = re.compile(
+_PREFIX_RE: Final = re.compile(
     r"^\s*(?P<comm>.*)-(?P<pid>\d+)\s+(?:\(\s*[\d-]+\)\s+)?\[(?P<cpu>\d+)\](?:\s+[^\s\d]\S*)?$"
 )
 
@@ -274,7 +279,7 @@ def _keep_marker(line: str, stats: ParseStats) -> Event | None:
 
 
 #: what trace_pipe prints where the reader lost events (trace.c, print_trace_line)
-_LOST_RE = re.compile(r"CPU:\d+ \[LOST (?:(\d+) )?EVENTS\]")
+_LOST_RE: Final = re.compile(r"CPU:\d+ \[LOST (?:(\d+) )?EVENTS\]")
 
 
 def _lost_mark(line: str, stats: ParseStats) -> bool:

@@ -31,9 +31,15 @@ import heapq
 import lzma
 import re
 import struct
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final, cast
+
+try:
+    from mypy_extensions import i64  # mypyc's native int (a plain int when not compiled)
+except ImportError:  # L1's venv has only the runtime dependencies
+    i64 = int  # type: ignore[misc]
 
 from apflab.analysis.parse import (
     ACK_MSR,
@@ -47,23 +53,32 @@ from apflab.analysis.parse import (
 from apflab.errors import AnalysisError
 
 #: the formats file of a raw capture
-FORMATS = "formats.txt"
+FORMATS: Final = "formats.txt"
 #: the pages of CPU N
-PAGES = "cpu{}.pages"
+PAGES: Final = "cpu{}.pages"
 #: the ftrace event that ``trace_marker`` writes
-PRINT_EVENT = "print"
+PRINT_EVENT: Final = "print"
 #: a page's commit: its bytes of events are the bits below the flags ``RB_MISSED_STORED``
 #: (bit 30: the count of lost events follows the events) and ``RB_MISSED_EVENTS`` (bit 31:
 #: events were lost before this page).  The kernel adds the flags to a 64-bit ``local_t``
 #: as ints, so bit 31 comes sign-extended: every bit from 31 up is set (seen in the lab)
-COMMIT_BYTES = (1 << 30) - 1
-MISSED_STORED = 1 << 30
-MISSED_EVENTS = 1 << 31
-_TS_SHIFT = 27
-_TS_MSB = 0x1F << 59
-_U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
-_new_event = tuple.__new__
+COMMIT_BYTES: Final = (1 << 30) - 1
+MISSED_STORED: Final = 1 << 30
+MISSED_EVENTS: Final = 1 << 31
+_TS_SHIFT: Final = 27
+_TS_MSB: Final = 0x1F << 59
+_U32: Final = struct.Struct("<I")
+_U64: Final = struct.Struct("<Q")
+_new_event: Final = tuple.__new__
+_NP: Final = Kind.NOT_PRESENT
+_READY: Final = Kind.READY
+_COMPLETED: Final = Kind.COMPLETED
+_REPEATED: Final = Kind.REPEATED_FAULT
+_TRY: Final = Kind.TRY_GET_PAGE
+_ACK: Final = Kind.ACK
+_PF: Final = Kind.PF
+_PF_RE: Final = Kind.PF_REINJECTED
+_MARK: Final = Kind.MARKER
 
 
 @dataclass(frozen=True)
@@ -94,7 +109,9 @@ class Formats:
         return fmt.id if fmt is not None else None
 
 
-_FIELD_RE = re.compile(r"field:(?P<decl>[^;]+);\s*offset:(?P<off>\d+);\s*size:(?P<size>\d+);")
+_FIELD_RE: Final = re.compile(
+    r"field:(?P<decl>[^;]+);\s*offset:(?P<off>\d+);\s*size:(?P<size>\d+);"
+)
 
 
 def parse_formats(text: str) -> Formats:
@@ -163,89 +180,178 @@ def read_pages(path: Path) -> bytes:
 
 
 # -- decoding ------------------------------------------------------------------------
-#: one event's payload (pid, data, offset, its end) → an Event or None (not one we use);
-#: markers are handled apart (their text goes into ParseStats)
-_Decoder = Callable[[int, int, bytes, int, int], Event | None]
+# The hot loop (every event of a capture) is written for mypyc, which compiles this
+# module where the build has a C compiler (``make native``, docs/performance.md): plain
+# functions and a class with i64 fields, bytes read by index, no struct calls and no
+# closures.  The same code runs as plain Python where it is not compiled (in L1).
 
 
-def _decoders(formats: Formats) -> dict[int, _Decoder]:
-    """Event id → the decoder of its payload, for the events the analysis uses."""
-    out: dict[int, _Decoder] = {}
-
-    def field(event: str, name: str) -> int:
-        return formats.events[event].fields[name].offset
-
-    def token_and_gva(event: str, kind: Kind) -> None:
-        t, g = field(event, "token"), field(event, "gva")
-        if g != t + 8:  # one unpack for both: the layout of 6.1 and 6.12
-            raise AnalysisError(f"trace formats: {event}: gva does not follow token")
-        unpack = struct.Struct("<QQ").unpack_from
-
-        def dec(ts: int, pid: int, data: bytes, off: int, cpu: int) -> Event:
-            token, gva = unpack(data, off + t)
-            return _new_event(Event, (ts, pid, cpu, kind, token, gva))
-
-        out[formats.events[event].id] = dec
-
-    def gva_only(event: str, kind: Kind) -> None:
-        g = field(event, "gva")
-        unpack = _U64.unpack_from
-
-        def dec(ts: int, pid: int, data: bytes, off: int, cpu: int) -> Event:
-            return _new_event(Event, (ts, pid, cpu, kind, NO_TOKEN, unpack(data, off + g)[0]))
-
-        out[formats.events[event].id] = dec
-
-    ev = formats.events
-    if "kvm_async_pf_not_present" in ev:
-        token_and_gva("kvm_async_pf_not_present", Kind.NOT_PRESENT)
-    if "kvm_async_pf_ready" in ev:
-        token_and_gva("kvm_async_pf_ready", Kind.READY)
-    for name, kind in (
-        ("kvm_async_pf_completed", Kind.COMPLETED),
-        ("kvm_async_pf_repeated_fault", Kind.REPEATED_FAULT),
-        ("kvm_try_async_get_page", Kind.TRY_GET_PAGE),
-    ):
-        if name in ev:
-            gva_only(name, kind)
-    if "kvm_msr" in ev:
-        out[ev["kvm_msr"].id] = _msr_decoder(formats)
-    if "kvm_inj_exception" in ev:
-        out[ev["kvm_inj_exception"].id] = _exception_decoder(formats)
-    return out
+def _u32(data: bytes, at: i64) -> i64:
+    return data[at] | data[at + 1] << 8 | data[at + 2] << 16 | data[at + 3] << 24
 
 
-def _msr_decoder(formats: Formats) -> _Decoder:
-    f = formats.events["kvm_msr"].fields
-    w, e, d, x = f["write"].offset, f["ecx"].offset, f["data"].offset, f["exception"].offset
-    ack = int(ACK_MSR, 16)
-    u32, u64 = _U32.unpack_from, _U64.unpack_from
-
-    def dec(ts: int, pid: int, data: bytes, off: int, cpu: int) -> Event | None:
-        # as parse._msr: a write of the ACK MSR, odd, that did not fault
-        if (
-            u32(data, off + w)[0]
-            and u32(data, off + e)[0] == ack
-            and not data[off + x]
-            and u64(data, off + d)[0] & 1
-        ):
-            return _new_event(Event, (ts, pid, cpu, Kind.ACK, NO_TOKEN, 0))
-        return None
-
-    return dec
+def _u64(data: bytes, at: i64) -> int:
+    return int(_u32(data, at)) | int(_u32(data, at + 4)) << 32
 
 
-def _exception_decoder(formats: Formats) -> _Decoder:
-    f = formats.events["kvm_inj_exception"].fields
-    vec, re_off = f["exception"].offset, f["reinjected"].offset
+class _Layout:
+    """Where :func:`_decode_page` finds things: the page header's and each used
+    event's id and field offsets, from the capture's formats (-1: not traced)."""
 
-    def dec(ts: int, pid: int, data: bytes, off: int, cpu: int) -> Event | None:
-        if data[off + vec] != 14:  # as parse._exception: #PF only
+    def __init__(self, formats: Formats) -> None:
+        ev = formats.events
+
+        def eid(name: str) -> i64:
+            fmt = ev.get(name)
+            return fmt.id if fmt is not None else -1
+
+        def off(name: str, fld: str) -> i64:
+            fmt = ev.get(name)
+            return fmt.fields[fld].offset if fmt is not None else 0
+
+        self.page: i64 = formats.page_size
+        self.data_off: i64 = formats.data_offset
+        self.commit_off: i64 = formats.commit_offset
+        self.np_id: i64 = eid("kvm_async_pf_not_present")
+        self.ready_id: i64 = eid("kvm_async_pf_ready")
+        for name in ("kvm_async_pf_not_present", "kvm_async_pf_ready"):
+            if eid(name) >= 0 and off(name, "gva") != off(name, "token") + 8:
+                # the layout of 6.1 and 6.12; another one is a new kernel's to decode
+                raise AnalysisError(f"trace formats: {name}: gva does not follow token")
+        self.np_token: i64 = off("kvm_async_pf_not_present", "token")
+        self.ready_token: i64 = off("kvm_async_pf_ready", "token")
+        self.completed_id: i64 = eid("kvm_async_pf_completed")
+        self.completed_gva: i64 = off("kvm_async_pf_completed", "gva")
+        self.repeated_id: i64 = eid("kvm_async_pf_repeated_fault")
+        self.repeated_gva: i64 = off("kvm_async_pf_repeated_fault", "gva")
+        self.try_id: i64 = eid("kvm_try_async_get_page")
+        self.try_gva: i64 = off("kvm_try_async_get_page", "gva")
+        self.msr_id: i64 = eid("kvm_msr")
+        self.msr_write: i64 = off("kvm_msr", "write")
+        self.msr_ecx: i64 = off("kvm_msr", "ecx")
+        self.msr_data: i64 = off("kvm_msr", "data")
+        self.msr_exception: i64 = off("kvm_msr", "exception")
+        self.exc_id: i64 = eid("kvm_inj_exception")
+        self.exc_vector: i64 = off("kvm_inj_exception", "exception")
+        self.exc_reinjected: i64 = off("kvm_inj_exception", "reinjected")
+        self.marker_id: i64 = eid(PRINT_EVENT)
+        self.marker_buf: i64 = off(PRINT_EVENT, "buf")
+
+
+class _Tally:
+    """Ring-buffer data events seen, and those not used (other events, other MSRs)."""
+
+    def __init__(self) -> None:
+        self.events: i64 = 0
+        self.unparsed: i64 = 0
+
+
+_ACK_MSR_ID: Final = int(ACK_MSR, 16)
+_PF_VECTOR: Final = 14
+
+
+def _decode_page(
+    data: bytes,
+    base: i64,
+    lay: _Layout,
+    cpu: int,
+    out: list[Event],
+    keys: list[int] | None,
+    tally: _Tally,
+    markers: list[tuple[int, str]],
+) -> None:
+    """Append the used events of the page at ``base`` to ``out`` (and, when ``keys``
+    is a list, their ns times to it, for merging CPUs); markers' texts to ``markers``."""
+    ts: int = _u64(data, base)  # ns; its top bits may be set (_TS_MSB): not an i64
+    end: i64 = base + lay.data_off + (_u64(data, base + lay.commit_off) & COMMIT_BYTES)
+    end = min(end, base + lay.page)
+    at: i64 = base + lay.data_off
+    while at < end:
+        h: i64 = _u32(data, at)
+        type_len: i64 = h & 31
+        if type_len > 28:
+            if type_len == 29:  # padding: a discarded event, or the page's end
+                if not h >> 5:
+                    break
+                at += 4 + _u32(data, at + 4)
+            elif type_len == 30:  # time extend
+                ts += _u32(data, at + 4) << _TS_SHIFT | h >> 5
+                at += 8
+            else:  # absolute time stamp (its top bits are the page's)
+                ts = (_u32(data, at + 4) << _TS_SHIFT | h >> 5) | (ts & _TS_MSB)
+                at += 8
+            continue
+        ts += h >> 5
+        start: i64
+        if type_len:
+            start = at + 4
+            at = start + 4 * type_len
+        else:
+            start = at + 8
+            at = at + 4 + _u32(data, at + 4)
+        if at > end or start + 8 > end:  # a length past the page: not an event
+            break
+        tally.events += 1
+        ev = _decode_event(data, start, at, (ts + 500) // 1000, lay, cpu, markers)
+        if ev is None:
+            tally.unparsed += 1
+            continue
+        out.append(ev)
+        if keys is not None:
+            keys.append(ts)
+
+
+def _decode_event(
+    data: bytes,
+    start: i64,
+    end: i64,
+    ts_us: int,
+    lay: _Layout,
+    cpu: int,
+    markers: list[tuple[int, str]],
+) -> Event | None:
+    """The payload at ``start`` as an Event, None if not one the analysis uses.
+    ``ts_us`` is its time as the kernel prints it (ns2usecs)."""
+    tid: i64 = data[start] | data[start + 1] << 8
+    pid: i64 = _u32(data, start + 4)
+    pid -= pid >> 31 << 32  # common_pid is an int
+    kind: Kind
+    token: int = NO_TOKEN
+    gva: int = 0
+    if tid == lay.np_id:
+        kind = _NP
+        token, gva = _u64(data, start + lay.np_token), _u64(data, start + lay.np_token + 8)
+    elif tid == lay.ready_id:
+        kind = _READY
+        token, gva = _u64(data, start + lay.ready_token), _u64(data, start + lay.ready_token + 8)
+    elif tid == lay.exc_id:
+        if data[start + lay.exc_vector] != _PF_VECTOR:  # as parse._exception: #PF only
             return None
-        kind = Kind.PF_REINJECTED if data[off + re_off] else Kind.PF
-        return _new_event(Event, (ts, pid, cpu, kind, NO_TOKEN, 0))
-
-    return dec
+        kind = _PF_RE if data[start + lay.exc_reinjected] else _PF
+    elif tid == lay.msr_id:
+        # as parse._msr: a write of the ACK MSR, odd, that did not fault
+        if not (
+            _u32(data, start + lay.msr_write)
+            and _u32(data, start + lay.msr_ecx) == _ACK_MSR_ID
+            and not data[start + lay.msr_exception]
+            and data[start + lay.msr_data] & 1
+        ):
+            return None
+        kind = _ACK
+    elif tid == lay.completed_id:
+        kind, gva = _COMPLETED, _u64(data, start + lay.completed_gva)
+    elif tid == lay.try_id:
+        kind, gva = _TRY, _u64(data, start + lay.try_gva)
+    elif tid == lay.repeated_id:
+        kind, gva = _REPEATED, _u64(data, start + lay.repeated_gva)
+    elif tid == lay.marker_id:
+        kind = _MARK
+        if len(markers) < MAX_MARKERS:
+            text = data[start + lay.marker_buf : end].partition(b"\0")[0]
+            markers.append((ts_us, text.decode(errors="replace").strip()))
+    else:
+        return None
+    return _new_event(Event, (ts_us, pid, cpu, kind, token, gva))
 
 
 def page_events(data: bytes, formats: Formats) -> Iterator[tuple[int, int, int, int]]:
@@ -302,40 +408,31 @@ def page_losses(data: bytes, formats: Formats) -> tuple[int, int]:
 
 
 def _cpu_events(
-    data: bytes, cpu: int, formats: Formats, stats: ParseStats
-) -> Generator[tuple[int, Event], None, None]:
-    """(ts_ns, Event) of one CPU's pages, in order; markers' texts kept in ``stats``."""
-    decoders = _decoders(formats)
-    marker_id = formats.id_of(PRINT_EVENT)
-    buf_off = formats.events[PRINT_EVENT].fields["buf"].offset if marker_id is not None else 0
-    pid_at = struct.Struct("<i").unpack_from
+    data: bytes, cpu: int, formats: Formats, stats: ParseStats, *, keyed: bool
+) -> Generator[tuple[int, Event] | Event, None, None]:
+    """One CPU's events in order, page by page (``keyed``: as ``(ts_ns, Event)``, for
+    merging CPUs); markers' texts kept in ``stats``."""
+    lay = _Layout(formats)
     marks, counted = page_losses(data, formats)
     stats.lost_marks += marks
     stats.lost_counted += counted
-    n = unparsed = 0
+    tally = _Tally()
+    page = formats.page_size
+    out: list[Event] = []
+    keys: list[int] | None = [] if keyed else None
     try:
-        for ts_ns, type_id, start, end in page_events(data, formats):
-            n += 1
-            ts_us = (ts_ns + 500) // 1000  # as the kernel prints it (ns2usecs)
-            dec = decoders.get(type_id)
-            if dec is not None:
-                ev = dec(ts_us, pid_at(data, start + 4)[0], data, start, cpu)
-                if ev is None:
-                    unparsed += 1
-                    continue
-                yield ts_ns, ev
-            elif type_id == marker_id:
-                pid = pid_at(data, start + 4)[0]
-                text = data[start + buf_off : end].partition(b"\0")[0]
-                if len(stats.markers) < MAX_MARKERS:
-                    stats.markers.append((ts_us, text.decode(errors="replace").strip()))
-                yield ts_ns, _new_event(Event, (ts_us, pid, cpu, Kind.MARKER, NO_TOKEN, 0))
+        for base in range(0, len(data) - page + 1, page):
+            _decode_page(data, base, lay, cpu, out, keys, tally, stats.markers)
+            if keys is not None:
+                yield from zip(keys, out, strict=True)
+                keys.clear()
             else:
-                unparsed += 1
+                yield from out
+            out.clear()
     finally:
-        stats.lines += n
-        stats.unparsed += unparsed
-        stats.events += n - unparsed
+        stats.lines += tally.events
+        stats.unparsed += tally.unparsed
+        stats.events += tally.events - tally.unparsed
 
 
 def iter_raw_events(
@@ -356,13 +453,20 @@ def decode(
 ) -> Generator[Event, None, None]:
     """The events of each CPU's pages (in memory), merged in time order."""
     stats = stats if stats is not None else ParseStats()
-    streams = [_cpu_events(data, cpu, formats, stats) for cpu, data in pages.items()]
-    if len(streams) == 1:
-        for _, ev in streams[0]:
-            yield ev
+    if len(pages) == 1:
+        ((cpu, data),) = pages.items()
+        yield from cast(Iterator[Event], _cpu_events(data, cpu, formats, stats, keyed=False))
         return
-    for _, ev in heapq.merge(*streams, key=lambda pair: pair[0]):
+    streams = [
+        cast(Iterator[tuple[int, Event]], _cpu_events(data, cpu, formats, stats, keyed=True))
+        for cpu, data in pages.items()
+    ]
+    for _, ev in heapq.merge(*streams, key=_first):
         yield ev
+
+
+def _first(pair: tuple[int, Event]) -> int:
+    return pair[0]
 
 
 def compress_capture(directory: Path) -> int:

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from collections import deque
 from enum import Enum
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from apflab.analysis.model import VcpuStats
 from apflab.analysis.parse import Event
 from apflab.analysis.timeline import Series
 
 #: Offending lines kept per problem in :attr:`~apflab.analysis.model.Analysis.examples`.
-EXAMPLES_PER_PROBLEM = 3
+EXAMPLES_PER_PROBLEM: Final = 3
 
 
 def add_example(examples: dict[str, list[str]], problem: str, text: str) -> None:

@@ -32,12 +32,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from fractions import Fraction
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 #: Values below this are stored exactly.
-EXACT_LIMIT = 2048
-_SUB = 1024
-_SUB_BITS = 10
+EXACT_LIMIT: Final = 2048
+_SUB: Final = 1024
+_SUB_BITS: Final = 10
 
 #: The keys of :meth:`Histogram.summary`, in order (the verdict.json contract).
 SUMMARY_KEYS = ("count", "p50", "p90", "p99", "p999", "max")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Mapping
+from typing import Final
 
 from apflab.analysis.model import MAX_OUTSTANDING_PER_VCPU, OutstandingToken
 from apflab.analysis.parse import WAKE_ALL_TOKEN
@@ -34,7 +35,7 @@ from apflab.analysis.state import Token, VcpuState, add_example
 from apflab.analysis.stats import Histogram
 
 #: token & VCPU_ID_MASK is the id of the vCPU that took the fault
-VCPU_ID_MASK = 0xFFF
+VCPU_ID_MASK: Final = 0xFFF
 
 
 class CompletionMatcher:

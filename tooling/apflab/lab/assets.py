@@ -102,7 +102,11 @@ def saved_boots_disk() -> Path | None:
 
 
 def _copy_source(repo: Path, dest: Path) -> None:
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".mypy_cache", ".ruff_cache")
+    # not the analyzer's compiled modules either (built for this host's Python; L1
+    # runs the source, and analyses nothing heavy: judging is done here)
+    ignore = shutil.ignore_patterns(
+        "__pycache__", "*.pyc", ".mypy_cache", ".ruff_cache", "*.so", ".native.json"
+    )
     for item in SOURCE_ITEMS:
         src = repo / item
         if src.is_dir():

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from apflab import paths
-from apflab.analysis import parse, ringbuf
+from apflab.analysis import native, parse, ringbuf
 from apflab.analysis.analyzer import analyze
 from apflab.errors import AnalysisError, UsageError
 
@@ -61,8 +61,9 @@ def bench_analyzer(trace_path: str | Path, repeat: int = 3) -> dict[str, Any]:
     :param repeat: timed runs of each stage (the best is reported)
     :returns: ``{"trace", "lines", "events", "repeat", "read_s", "parse_s",
         "parse_events_per_s", "analyze_s", "analyze_events_per_s",
-        "analyze_only_events_per_s"}`` — ``analyze_s`` is parse+analyze,
-        ``analyze_only_events_per_s`` the analysis alone on pre-parsed events
+        "analyze_only_events_per_s", "code"}`` — ``analyze_s`` is parse+analyze,
+        ``analyze_only_events_per_s`` the analysis alone on pre-parsed events, ``code``
+        whether the analyzer ran compiled (:data:`apflab.analysis.native.mode`)
     :raises AnalysisError: the trace cannot be read or has no events
     """
     if repeat < 1:
@@ -100,4 +101,5 @@ def bench_analyzer(trace_path: str | Path, repeat: int = 3) -> dict[str, Any]:
         "analyze_s": round(analyze_best, 4),
         "analyze_events_per_s": int(events / analyze_best),
         "analyze_only_events_per_s": int(events / only_best),
+        "code": native.mode,
     }

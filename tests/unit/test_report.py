@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import base64
+import logging
 import re
 from pathlib import Path
+
+import pytest
 
 from apflab.analysis import parse, verdict
 from apflab.analysis.analyzer import analyze
@@ -59,3 +62,19 @@ def test_plots_draw_empty_and_censored_histograms() -> None:
     for metric in METRICS:
         assert plots.latency_png(metric, a.latency[metric]).startswith(b"\x89PNG")
     assert plots.timeline_png(a.timeline).startswith(b"\x89PNG")
+
+
+def test_a_debug_log_does_not_get_matplotlibs_font_matching(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A harness that records DEBUG (Avocado) got ~2,100 findfont lines a report, and
+    its runner took ~20 s writing them: matplotlib's log is held at WARNING."""
+    from matplotlib import font_manager  # noqa: PLC0415
+
+    font_manager.FontManager._findfont_cached.cache_clear()  # as in a fresh process
+    a = analyze(parse.iter_events((TRACES / "stock-1-head.trace").read_text().splitlines()))
+    with caplog.at_level(logging.DEBUG):
+        plots.latency_png("ready_to_ack", a.latency["ready_to_ack"], {"p99": 25_000})
+        plots.timeline_png(a.timeline)
+    mpl = [r.getMessage() for r in caplog.records if r.name.startswith("matplotlib")]
+    assert not mpl, mpl[:3]

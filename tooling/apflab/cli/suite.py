@@ -50,8 +50,9 @@ def format_full(doc: dict[str, Any]) -> str:
         ("warm run (s)", doc.get("warm_run_s"), "<= 60"),
         ("  its page-readies", doc.get("warm_run_events"), ">= 10,000"),
         ("cold make run (s)", doc.get("cold_run_s"), "<= 300"),
-        ("analyzer parse+analyze (events/s)", doc.get("analyzer_events_per_s"), ">= 1,000,000"),
-        ("  raw pages decode+analyze (events/s)", doc.get("analyzer_raw_events_per_s"), "-"),
+        # the goal is on the runs' own trace since the raw reader: ring-buffer pages
+        ("analyzer raw decode+analyze (ev/s)", doc.get("analyzer_raw_events_per_s"), ">= 1e6"),
+        ("  text parse+analyze (events/s)", doc.get("analyzer_events_per_s"), "-"),
         ("  analyzer code", doc.get("analyzer_code"), "compiled"),
         ("analyzer peak RSS (MiB)", doc.get("analyzer_peak_rss_mib"), "bounded"),
         ("lost trace events", doc.get("lost_events"), "0"),

@@ -292,6 +292,7 @@ def analyzer(trace: Path) -> dict[str, Any]:
         "parser_events_per_s": rates["parse_events_per_s"],
         "analysis_only_events_per_s": rates["analyze_only_events_per_s"],
         "analyzer_peak_rss_mib": peak_rss_mib(trace),
+        "analyzer_raw_peak_rss_mib": peak_rss_mib(raw) if raw is not None else None,
         "this_process_peak_rss_mib": round(
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
         ),

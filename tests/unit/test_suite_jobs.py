@@ -48,3 +48,22 @@ def test_a_job_that_runs_nothing_fails_the_suite(tmp_path: Path) -> None:
     argv = functional._avocado(tmp_path / "job", ["tests/functional/test_apf.py"], ["-m"])
     assert functional._job(argv, tmp_path / "job", failures) == []
     assert len(failures) == 1 and "ran no test" in failures[0], failures
+
+
+def test_the_background_kernel_build_is_a_command_of_the_cli() -> None:
+    from apflab.cli.main import build_parser  # noqa: PLC0415
+
+    args = build_parser().parse_args(list(functional._KERNELS_ONLY))
+    assert args.only == "kernels"
+
+
+def test_the_background_kernel_build_stops_with_the_suite(tmp_path: Path) -> None:
+    """The suite's undo of its builder child: SIGTERM (a real child here)."""
+    proc = subprocess.Popen(["sleep", "60"])
+    functional.stop_kernel_builds(proc)
+    assert proc.returncode == -15
+    log = tmp_path / "kernels.log"
+    log.write_text("== 3 guest kernel(s) ready in 0s\n")
+    done = subprocess.Popen(["true"])
+    functional.wait_kernel_builds(done, log, 0.0)
+    assert done.returncode == 0

@@ -213,6 +213,11 @@ def register(sub: Any) -> None:
 
     c = sub.add_parser("check-functional", help="the functional suite, on this host and in the lab")
     c.add_argument("--results", type=Path, default=Path("results"))
-    c.add_argument("--only", choices=["host", "kvm"], default=None)
+    c.add_argument(
+        "--only",
+        choices=["host", "kvm", "kernels"],
+        default=None,
+        help="one job; kernels: only build the controls' guest kernels",
+    )
     c.add_argument("--tags", default=None, help="avocado tag filter for the host job")
     c.set_defaults(func=cmd_check_functional)

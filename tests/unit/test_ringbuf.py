@@ -146,3 +146,19 @@ def test_a_lossy_lab_capture_decodes_to_its_events_only() -> None:
     assert kinds[Kind.NOT_PRESENT] == 1308 and kinds[Kind.ACK] == 1207
     analysis, _ = analyze_trace(LAB_LOSSY)  # and it analyses (a loss shows in its invariants)
     assert analysis.events["not_present"] == 1308
+
+
+@pytest.mark.parametrize("capture", [LAB_LOSSY, LOSSY])
+def test_a_capture_read_in_chunks_decodes_as_read_whole(capture: Path) -> None:
+    """Files are read as a stream of whole pages (memory bounded by the chunk): any
+    chunk size gives the events, counters and loss marks of the whole file."""
+    formats, files = ringbuf.read_capture(capture)
+    whole_stats, chunked_stats = ParseStats(), ParseStats()
+    whole = list(
+        ringbuf.decode(formats, {c: ringbuf.read_pages(p) for c, p in files.items()}, whole_stats)
+    )
+    chunks = {c: ringbuf.iter_pages(p, formats.page_size, pages=7) for c, p in files.items()}
+    assert all(len(c) % formats.page_size == 0 for c in ringbuf.iter_pages(files[0], 4096, 7))
+    assert list(ringbuf.decode(formats, chunks, chunked_stats)) == whole
+    assert whole and chunked_stats == whole_stats
+    assert whole_stats.lost_marks > 0

@@ -179,6 +179,27 @@ def read_pages(path: Path) -> bytes:
         raise AnalysisError(f"cannot read trace pages {path}: {err}") from err
 
 
+#: pages read from a capture file at a time (1 MiB of 4 KiB pages): a capture is decoded
+#: as a stream, its memory bounded by this, never by the capture's size
+CHUNK_PAGES = 256
+
+
+def iter_pages(path: Path, page_size: int, pages: int = CHUNK_PAGES) -> Iterator[bytes]:
+    """A ``cpuN.pages`` file (or ``.pages.xz``) in chunks of ``pages`` whole pages."""
+    size = pages * page_size
+    rest = b""
+    try:
+        with lzma.open(path, "rb") if path.suffix == ".xz" else path.open("rb") as f:
+            while chunk := f.read(size):
+                data = rest + chunk
+                whole = len(data) - len(data) % page_size
+                rest = data[whole:]
+                if whole:
+                    yield data[:whole]
+    except (OSError, lzma.LZMAError, EOFError) as err:
+        raise AnalysisError(f"cannot read trace pages {path}: {err}") from err
+
+
 # -- decoding ------------------------------------------------------------------------
 # The hot loop (every event of a capture) is written for mypyc, which compiles this
 # module where the build has a C compiler (``make native``, docs/performance.md): plain
@@ -408,27 +429,29 @@ def page_losses(data: bytes, formats: Formats) -> tuple[int, int]:
 
 
 def _cpu_events(
-    data: bytes, cpu: int, formats: Formats, stats: ParseStats, *, keyed: bool
+    chunks: Iterable[bytes], cpu: int, formats: Formats, stats: ParseStats, *, keyed: bool
 ) -> Generator[tuple[int, Event] | Event, None, None]:
     """One CPU's events in order, page by page (``keyed``: as ``(ts_ns, Event)``, for
-    merging CPUs); markers' texts kept in ``stats``."""
+    merging CPUs), from its pages in chunks of whole pages; markers' texts kept in
+    ``stats``."""
     lay = _Layout(formats)
-    marks, counted = page_losses(data, formats)
-    stats.lost_marks += marks
-    stats.lost_counted += counted
     tally = _Tally()
     page = formats.page_size
     out: list[Event] = []
     keys: list[int] | None = [] if keyed else None
     try:
-        for base in range(0, len(data) - page + 1, page):
-            _decode_page(data, base, lay, cpu, out, keys, tally, stats.markers)
-            if keys is not None:
-                yield from zip(keys, out, strict=True)
-                keys.clear()
-            else:
-                yield from out
-            out.clear()
+        for data in chunks:
+            marks, counted = page_losses(data, formats)
+            stats.lost_marks += marks
+            stats.lost_counted += counted
+            for base in range(0, len(data) - page + 1, page):
+                _decode_page(data, base, lay, cpu, out, keys, tally, stats.markers)
+                if keys is not None:
+                    yield from zip(keys, out, strict=True)
+                    keys.clear()
+                else:
+                    yield from out
+                out.clear()
     finally:
         stats.lines += tally.events
         stats.unparsed += tally.unparsed
@@ -442,24 +465,33 @@ def iter_raw_events(
     ``trace_pipe`` merges them); ``stats`` counts as :func:`parse.iter_events`
     does (a ring-buffer event for a line).
 
-    :raises AnalysisError: not a raw capture
+    The files are read as a stream (:data:`CHUNK_PAGES` at a time per CPU).
+
+    :raises AnalysisError: not a raw capture, or a page file cannot be read
     """
     formats, files = read_capture(directory)
-    yield from decode(formats, {cpu: read_pages(p) for cpu, p in files.items()}, stats)
+    chunks = {cpu: iter_pages(p, formats.page_size) for cpu, p in files.items()}
+    yield from decode(formats, chunks, stats)
 
 
 def decode(
-    formats: Formats, pages: dict[int, bytes], stats: ParseStats | None = None
+    formats: Formats,
+    pages: dict[int, bytes] | dict[int, Iterator[bytes]],
+    stats: ParseStats | None = None,
 ) -> Generator[Event, None, None]:
-    """The events of each CPU's pages (in memory), merged in time order."""
+    """The events of each CPU's pages (in memory, or chunks of whole pages), merged
+    in time order."""
     stats = stats if stats is not None else ParseStats()
-    if len(pages) == 1:
-        ((cpu, data),) = pages.items()
-        yield from cast(Iterator[Event], _cpu_events(data, cpu, formats, stats, keyed=False))
+    chunks = {
+        cpu: iter((data,)) if isinstance(data, bytes) else data for cpu, data in pages.items()
+    }
+    if len(chunks) == 1:
+        ((cpu, one),) = chunks.items()
+        yield from cast(Iterator[Event], _cpu_events(one, cpu, formats, stats, keyed=False))
         return
     streams = [
-        cast(Iterator[tuple[int, Event]], _cpu_events(data, cpu, formats, stats, keyed=True))
-        for cpu, data in pages.items()
+        cast(Iterator[tuple[int, Event]], _cpu_events(c, cpu, formats, stats, keyed=True))
+        for cpu, c in chunks.items()
     ]
     for _, ev in heapq.merge(*streams, key=_first):
         yield ev

@@ -1,6 +1,7 @@
 """The analyzer's hot modules compiled to C by mypyc, and the guard against stale builds.
 
-``make native`` (part of ``make deps``) runs :func:`build`: mypyc compiles
+``make native`` (a prerequisite of ``make unit``, ``check``, ``bench`` and the heavy
+tiers; not of ``make run``) runs :func:`build`: mypyc compiles
 :data:`MODULES` — the same source, type-checked, as C extensions next to the
 ``.py`` files (``parse.cpython-311-x86_64-linux-gnu.so``, ...) — and writes the
 sources' hashes to :data:`STAMP`.  Python then imports the extensions in place of

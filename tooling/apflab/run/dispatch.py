@@ -3,8 +3,9 @@
 :func:`run` is what ``apflab run`` / ``make run`` call.  On a host whose
 /dev/kvm runs stock guests the experiment runs right here
 (:func:`apflab.run.experiment.execute`, then :func:`apflab.run.judge.judge`);
-otherwise the nested lab is brought up and the very same ``apflab run --here``
-runs in L1, streaming its phases, and its results directory is copied back.
+otherwise the nested lab is brought up, ``apflab run --record-only`` runs the same
+experiment in L1, streaming its phases, and its results directory is copied back
+and judged here.
 A failure of the lab itself is retried on a fresh L1 under the ``lab`` policy
 (:mod:`apflab.retry`); a failure of the kernel under test never is.
 """

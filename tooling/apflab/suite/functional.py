@@ -1,19 +1,20 @@
 """``apflab check-functional``: the Avocado suite, in two jobs on this host.
 
-* Job *host*: every test not tagged ``kvm`` (boot, interrupts and cleanup, the
-  lab itself, cgroup v1 pressure, the report in a browser).  Tests that need
-  something this host lacks CANCEL themselves with the reason.
+* Job *host*: every test tagged neither ``kvm`` nor ``heavy`` (boot, interrupts
+  and cleanup, the lab itself, cgroup v1 pressure, the report in a browser).  Tests
+  that need something this host lacks CANCEL themselves with the reason.
 * Job *kvm*: the verdicts (``test_apf.py`` with the variants of
   ``tests/functional/controls.yaml``: the stock kernel, the unpatched build and
   the negative controls), then the other ``kvm`` tests (a one-cell night).  Each
   goes through ``apflab run``, so on a host whose /dev/kvm cannot run stock guests
-  it runs in the nested lab — one lab brought up
-  for the whole job and used by every test (``apflab lab up``), not one L1 per test,
-  and no Avocado inside the emulated L1.  The guest kernels of the controls are
-  built here first, before the lab is up: at nice 19 beside the host job when both
-  jobs run.  When L1 itself fails during the job, the
-  job runs again on a fresh L1 (the ``lab-suite`` retry policy); every failure is
-  listed in the summary.
+  it runs in the nested lab — one lab brought up for the whole job and used by
+  every test (``apflab lab up``), not one L1 per test, and no Avocado inside the
+  emulated L1.  The guest kernels of the controls are built here first, before the
+  lab is up: at nice 19 beside the host job when both jobs run (``make check``
+  starts them earlier still, beside lint, the unit tests and the images; these
+  builders then wait on the kernel cache's lock).  When L1 itself fails during the
+  job, the job runs again on a fresh L1 (the ``lab-suite`` retry policy); every
+  failure is listed in the summary.
 
 The merged verdict is strict: every test must PASS, none may FAIL, ERROR or be
 INTERRUPTED, and a test that only CANCELed never ran, which fails the check (a

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from apflab.suite import functional
+from apflab.suite import functional, perf
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -67,3 +67,22 @@ def test_the_background_kernel_build_stops_with_the_suite(tmp_path: Path) -> Non
     done = subprocess.Popen(["true"])
     functional.wait_kernel_builds(done, log, 0.0)
     assert done.returncode == 0
+
+
+TRACES = Path(__file__).parent / "fixtures" / "traces"
+
+
+def test_nth_ready_is_timed_from_the_workload_start() -> None:
+    """record-1 (a real run read both ways: fixtures/traces/README.md): its 7,033
+    page-readies came within the 40 s after its "workload start" marker."""
+    raw = TRACES / "record-1" / "trace.raw"
+    text = TRACES / "record-1" / "trace.txt.xz"
+    first = perf.nth_ready_s(raw, 1)
+    half = perf.nth_ready_s(raw, 3_500)
+    last = perf.nth_ready_s(raw, 7_033)
+    assert first is not None and half is not None and last is not None
+    assert 0 <= first < half < last == 39.9
+    assert perf.nth_ready_s(text, 3_500) == half  # the same events as text
+    assert perf.nth_ready_s(raw, 7_034) is None  # fewer than asked
+    # a trace without apflab's markers (tracefs text captured by hand): no start
+    assert perf.nth_ready_s(TRACES / "stock-1-full.trace.xz", 10) is None

@@ -147,7 +147,13 @@ def _evidence_invariants(
     missing: list[str] = []
     acks = analysis.events["ack"] if analysis is not None else 0
     delta = ev.hyp_delta
-    if delta is None:
+    if analysis is None:  # no trace (a --trace off run): no ACK count to hold it against
+        out[HYP_INVARIANT] = Invariant(
+            False,
+            f"not evaluated: no trace, so no ACK writes to count (guest HYP interrupts {delta})",
+            evaluated=False,
+        )
+    elif delta is None:
         out[HYP_INVARIANT] = Invariant(
             False,
             f"not evaluated: guest HYP count unknown ({acks} ACK writes in the trace)",

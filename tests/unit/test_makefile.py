@@ -46,9 +46,11 @@ def fakes(tmp_path: Path) -> dict[str, str]:
 
 
 def _make(fakes: dict[str, str], submake: str) -> subprocess.Popen[str]:
-    args = [f"{k}={v}" for k, v in fakes.items()]
+    args = [*(f"{k}={v}" for k, v in fakes.items()), f"SUBMAKE={submake}"]
     return subprocess.Popen(
-        ["make", "--no-print-directory", "check", *args, f"SUBMAKE={submake}"],
+        # SIGINT and SIGTERM as a terminal's make gets them: tests started in the
+        # background (nohup ... &, some CI runners) ignore SIGINT, and so would make
+        ["env", "--default-signal=INT,TERM", "make", "--no-print-directory", "check", *args],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

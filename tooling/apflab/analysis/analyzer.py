@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import lzma
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Final
 
@@ -340,6 +340,16 @@ class LiveAnalysis:
         return oldest
 
 
+def iter_trace_events(path: str | Path, stats: ParseStats) -> Iterator[Event]:
+    """The events of a trace file (plain, ``.xz`` or ``.gz``) or of a raw capture
+    directory, in time order; ``stats`` counts what was read."""
+    if ringbuf.is_capture(Path(path)):
+        yield from ringbuf.iter_raw_events(Path(path), stats)
+        return
+    with open_trace(path) as f:
+        yield from iter_events(f, stats)
+
+
 def analyze_trace(
     path: str | Path,
     vcpu_of_pid: Mapping[int, int] | None = None,
@@ -362,11 +372,7 @@ def analyze_trace(
     """
     stats = ParseStats()
     try:
-        if ringbuf.is_capture(Path(path)):
-            events = ringbuf.iter_raw_events(Path(path), stats)
-            return analyze(events, vcpu_of_pid, grace_us=grace_us), stats
-        with open_trace(path) as f:
-            analysis = analyze(iter_events(f, stats), vcpu_of_pid, grace_us=grace_us)
+        analysis = analyze(iter_trace_events(path, stats), vcpu_of_pid, grace_us=grace_us)
     except (OSError, EOFError, lzma.LZMAError, zlib.error) as err:
         raise AnalysisError(
             f"cannot read trace {path} to its end ({err or type(err).__name__}): "

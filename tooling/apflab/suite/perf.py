@@ -42,13 +42,14 @@ from pathlib import Path
 from typing import Any
 
 from apflab import paths
-from apflab.analysis import ringbuf
+from apflab.analysis.analyzer import iter_trace_events
 from apflab.analysis.guest import WORKLOAD_START
-from apflab.analysis.parse import Kind, ParseStats, iter_events, open_trace
+from apflab.analysis.parse import Kind, ParseStats
 from apflab.lab.l1 import Lab, LabConfig
 from apflab.process import run
 from apflab.run import dispatch
 from apflab.run.batch import Batch
+from apflab.run.records import trace_of
 from apflab.run.scenario import Scenario
 from apflab.suite.bench import DEFAULT_RAW, bench_analyzer
 from apflab.undo import UndoStack
@@ -82,20 +83,12 @@ def nth_ready_s(trace: Path, n: int = GOAL_READIES) -> float | None:
     page-ready: how long a workload stopped at ``n`` page-readies would have run.
     None when the trace has fewer, or no start marker."""
     stats = ParseStats()
-    if ringbuf.is_capture(trace):
-        ready = [e.ts_us for e in ringbuf.iter_raw_events(trace, stats) if e.kind == Kind.READY]
-    else:
-        with open_trace(trace) as f:
-            ready = [e.ts_us for e in iter_events(f, stats) if e.kind == Kind.READY]
+    ready = [e.ts_us for e in iter_trace_events(trace, stats) if e.kind == Kind.READY]
     start = stats.marker(WORKLOAD_START)
     if start is None:
         return None
     after = [ts for ts in ready if ts >= start]
     return round((after[n - 1] - start) / 1e6, 1) if len(after) >= n else None
-
-
-def _trace_of(run_dir: Path) -> Path | None:
-    return next((t for t in (run_dir / "trace.raw", run_dir / "trace.txt.xz") if t.exists()), None)
 
 
 def warm_run(results: Path, emit: Emit) -> dict[str, Any]:
@@ -104,7 +97,7 @@ def warm_run(results: Path, emit: Emit) -> dict[str, Any]:
     t0 = time.monotonic()
     doc = dispatch.run(Scenario(), results, emit)
     took = round(time.monotonic() - t0, 1)
-    trace = _trace_of(results / str(doc.get("run_id")))
+    trace = trace_of(results / str(doc.get("run_id")))
     return {
         "warm_run_s": took,
         "warm_run_10k_ready_workload_s": nth_ready_s(trace) if trace else None,
